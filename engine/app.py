@@ -1,0 +1,97 @@
+"""Assemble and run the engine: listeners, the store writer and the queue hand-off."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.config.project import Project
+from engine.errors import UnavailableError
+from engine.intake.receiver import Receiver
+from engine.intake.runtime import ChannelRuntime
+from engine.intake.store_client import StoreClient
+from engine.mllp.server import MLLPServer
+from engine.observe import ChannelEvents, get_logger, tune_gc
+from engine.settings import Settings
+from engine.store import db
+
+log = get_logger("engine.app")
+
+
+@dataclass
+class Engine:
+    """One engine process: every enabled channel of a project, one writer, one queue hand-off."""
+
+    project: Project
+    settings: Settings
+    servers: list[MLLPServer] = field(default_factory=list)
+    store: StoreClient | None = None
+
+    @property
+    def database_url(self) -> str:
+        return self.settings.resolved_database_url(self.project.root)
+
+    async def start(self) -> None:
+        url = self.database_url
+        await asyncio.to_thread(db.upgrade, url)
+        threads = self.settings.store_writers or (1 if db.is_sqlite(url) else 3)
+        self.store = StoreClient(url, self.settings, threads=threads)
+        await self.store.start()
+        for ch in self.project.channels:
+            if not ch.config.enabled:
+                continue
+            rt = ChannelRuntime.build(ch.name, ch.config)
+            events = ChannelEvents(ch.name)
+            server = MLLPServer(rt, Receiver(rt, self.store, events), events)
+            await server.start()
+            self.servers.append(server)
+        log.info("engine started", channels=len(self.servers), store="sqlite" if db.is_sqlite(url) else "server",
+                 queue=self.store.queue_name)
+
+    async def stop(self) -> None:
+        grace = max((s.rt.config.ack.timeout for s in self.servers), default=10.0) + 1
+        await asyncio.gather(*(s.stop(grace) for s in self.servers))
+        if self.store is not None:
+            if not await self.store.drain(grace):
+                log.warning("store writer still busy at stop", pending=self.store.pending)
+            await self.store.close()
+        log.info("engine stopped")
+
+
+async def serve(project: Project, settings: Settings, started: asyncio.Event | None = None) -> None:
+    """Run until SIGTERM or SIGINT, then stop gracefully."""
+    engine = Engine(project, settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        await engine.start()
+    except (OSError, UnavailableError):
+        await engine.stop()
+        raise
+    tune_gc()
+    if started is not None:
+        started.set()
+    await stop.wait()
+    log.info("stopping: no new connections; answering in-flight messages")
+    await engine.stop()
+
+
+def run(main: Coroutine[Any, Any, None], loop_kind: str = "auto") -> None:
+    """Run ``main`` on uvloop when available (``loop_kind``: auto, uvloop, asyncio)."""
+    if loop_kind in ("auto", "uvloop"):
+        try:
+            import uvloop
+        except ImportError:
+            if loop_kind == "uvloop":
+                raise
+        else:
+            uvloop.run(main)
+            return
+    asyncio.run(main)

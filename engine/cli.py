@@ -1,0 +1,285 @@
+"""The ``hl7engine`` command."""
+
+from __future__ import annotations
+
+import json
+import ssl
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from engine.errors import ConfigError, EngineError, UsageError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="HL7 v2 interface engine.")
+messages_app = typer.Typer(help="Find and inspect stored messages.", invoke_without_command=True)
+db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_help=True)
+app.add_typer(messages_app, name="messages")
+app.add_typer(db_app, name="db")
+
+ConfigDir = Annotated[
+    Path, typer.Option("--config", "-c", help="configuration directory (channels/, mappings/, routes.yaml)",
+                       file_okay=False, resolve_path=True)
+]
+
+
+def _settings() -> Any:
+    from engine.settings import Settings
+
+    return Settings()
+
+
+def _setup_logging(settings: Any) -> None:
+    from engine.observe import configure_logging
+
+    configure_logging(settings.log_level, settings.log_format)
+
+
+def _fail(message: str, code: int = 1) -> None:
+    typer.echo(message, err=True)
+    raise typer.Exit(code)
+
+
+def _load(config: Path) -> Any:
+    from engine.config.project import load_project
+
+    try:
+        return load_project(config)
+    except ConfigError as exc:
+        for p in exc.problems:
+            typer.echo(str(p), err=True)
+        typer.echo(f"{len(exc.problems)} problem(s) in {config}; nothing started", err=True)
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def run(config: ConfigDir = Path(".")) -> None:
+    """Start every channel in DIR/channels/*.yaml and hand messages to the queue."""
+    _serve(config)
+
+
+@app.command()
+def listen(config: ConfigDir = Path(".")) -> None:
+    """Run only the listeners (for scaling out: many listeners, many workers)."""
+    _serve(config)
+
+
+def _serve(config: Path) -> None:
+    from engine import app as engine_app
+
+    settings = _settings()
+    _setup_logging(settings)
+    project = _load(config)
+    if not any(c.config.enabled for c in project.channels):
+        _fail(f"no enabled channel in {config / 'channels'}; add one (see docs/channels.md)")
+    if settings.http_port:
+        from prometheus_client import start_http_server
+
+        try:
+            start_http_server(settings.http_port)
+        except OSError as exc:
+            _fail(f"cannot serve metrics on port {settings.http_port}: {exc} (set HL7ENGINE_HTTP_PORT)")
+    try:
+        engine_app.run(engine_app.serve(project, settings), settings.loop)
+    except OSError as exc:
+        _fail(f"cannot start: {exc}")
+    except EngineError as exc:
+        _fail(f"cannot start: {exc}")
+
+
+@app.command()
+def check(config: ConfigDir = Path(".")) -> None:
+    """Validate channels/, mappings/ and routes.yaml; print every problem as file:line:col."""
+    from engine.config.project import load_project
+
+    try:
+        project = load_project(config)
+    except ConfigError as exc:
+        for p in exc.problems:
+            typer.echo(str(p))
+        typer.echo(f"{len(exc.problems)} problem(s)")
+        raise typer.Exit(1) from None
+    enabled = sum(1 for c in project.channels if c.config.enabled)
+    ports = ", ".join(f"{c.name}:{c.config.listen.port}" for c in project.channels if c.config.enabled)
+    typer.echo(f"ok: {len(project.channels)} channel(s), {enabled} enabled ({ports or 'none'})")
+
+
+@app.command()
+def send(
+    address: Annotated[str, typer.Argument(help="HOST:PORT of an MLLP listener")],
+    files: Annotated[list[Path], typer.Argument(help="files holding one or many messages", exists=True,
+                                                 dir_okay=False)],
+    tls: Annotated[bool, typer.Option(help="use TLS")] = False,
+    ca: Annotated[Path | None, typer.Option(help="CA file to verify the server (with --tls)")] = None,
+    cert: Annotated[Path | None, typer.Option(help="client certificate (mutual TLS)")] = None,
+    key: Annotated[Path | None, typer.Option(help="client key (mutual TLS)")] = None,
+    cr: Annotated[bool, typer.Option("--cr", help="turn LF and CRLF segment ends into CR before sending")] = False,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for each ACK")] = 30.0,
+    config: ConfigDir = Path("."),
+) -> None:
+    """Send messages over MLLP; print each ACK's MSA code and text. Exit 1 unless all were AA/CA."""
+    from engine.mllp.client import MLLPClient, read_acks, split_messages, to_cr
+
+    host, _, port_s = address.rpartition(":")
+    if not host or not port_s.isdigit():
+        _fail(f"expected HOST:PORT, got {address!r}", 2)
+    ctx: ssl.SSLContext | None = None
+    if tls:
+        ctx = ssl.create_default_context(cafile=str(ca) if ca else None)
+        if ca is None:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        if cert:
+            ctx.load_cert_chain(str(cert), str(key) if key else None)
+    failures = 0
+    total = 0
+    try:
+        with MLLPClient(host, int(port_s), timeout=timeout, tls=ctx) as client:
+            for path in files:
+                pieces = split_messages(path.read_bytes())
+                for i, piece in enumerate(pieces, 1):
+                    total += 1
+                    label = f"{path.name}#{i}" if len(pieces) > 1 else path.name
+                    answer = client.send(to_cr(piece) if cr else piece, timeout)
+                    if answer is None:
+                        typer.echo(f"{label}: no ACK within {timeout:g}s")
+                        failures += 1
+                        continue
+                    acks = read_acks(answer)
+                    if answer.lstrip().startswith((b"FHS", b"BHS")):
+                        typer.echo(f"{label}: batch answered, {len(acks)} message(s) not accepted")
+                    elif not acks:
+                        typer.echo(f"{label}: answer without MSA segment")
+                        failures += 1
+                    for ack in acks:
+                        ok = ack.code in ("AA", "CA")
+                        failures += 0 if ok else 1
+                        text = f" {ack.text}" if ack.text else ""
+                        typer.echo(f"{label}: {ack.code} {ack.control_id}{text}")
+    except (OSError, ConnectionError) as exc:
+        _fail(f"cannot send to {address}: {exc}", 2)
+    if failures:
+        typer.echo(f"{failures} of {total} not accepted", err=True)
+        raise typer.Exit(1)
+
+
+def _store_engine(config: Path) -> Any:
+    from engine.store import db
+
+    settings = _settings()
+    url = settings.resolved_database_url(config)
+    if db.is_sqlite(url):
+        path = Path(url.removeprefix("sqlite:///"))
+        if not path.exists():
+            _fail(f"no message store at {path}; has the engine run with --config {config}?")
+    return db.make_engine(url, pool_size=1)
+
+
+@messages_app.callback()
+def messages(
+    ctx: typer.Context,
+    status: Annotated[str | None, typer.Option(help="received, queued, processing, processed, filtered, "
+                                                    "error, replayed or duplicate")] = None,
+    channel: Annotated[str | None, typer.Option(help="channel name")] = None,
+    control_id: Annotated[str | None, typer.Option("--control-id", help="MSH-10")] = None,
+    limit: Annotated[int, typer.Option(help="most recent N")] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON lines")] = False,
+    config: ConfigDir = Path("."),
+) -> None:
+    """List stored messages, newest first."""
+    if ctx.invoked_subcommand is not None:
+        ctx.obj = config
+        return
+    from engine.store.query import MessageFilter, list_messages
+
+    engine = _store_engine(config)
+    try:
+        rows = list_messages(engine, MessageFilter(status, channel, control_id, limit))
+    except ValueError as exc:
+        _fail(str(exc), 2)
+    finally:
+        engine.dispose()
+    if as_json:
+        for row in rows:
+            typer.echo(json.dumps(row, ensure_ascii=False))
+        return
+    if not rows:
+        typer.echo("no messages")
+        return
+    typer.echo(f"{'ID':>8}  {'RECEIVED':<23}  {'CHANNEL':<12} {'TYPE':<9} {'CONTROL ID':<22} {'STATUS':<10} "
+               f"{'ACK':<3}  ERROR")
+    for r in rows:
+        typer.echo(f"{r['id']:>8}  {r['received_at'][:23]:<23}  {r['channel'][:12]:<12} {(r['type'] or '')[:9]:<9} "
+                   f"{(r['control_id'] or '')[:22]:<22} {r['status']:<10} {r['ack_code'] or '':<3}  "
+                   f"{(r['error'] or '')[:80]}")
+
+
+@messages_app.command("show")
+def messages_show(
+    ctx: typer.Context,
+    message_id: Annotated[int, typer.Argument(help="message ID (from hl7engine messages)")],
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object")] = False,
+    config: Annotated[Path | None, typer.Option("--config", "-c", file_okay=False, resolve_path=True)] = None,
+) -> None:
+    """Show one message: metadata, raw text (segments one per line) and the ACK sent."""
+    from engine.store.query import get_message, summary
+
+    cfg = config or (ctx.obj if isinstance(ctx.obj, Path) else Path(".").resolve())
+    engine = _store_engine(cfg)
+    try:
+        row = get_message(engine, message_id)
+    finally:
+        engine.dispose()
+    if row is None:
+        _fail(f"no message with ID {message_id}")
+        return
+    codec = row.get("charset") or "utf-8"
+    raw = row["raw"].decode(codec, "replace")
+    ack = row["ack"].decode(codec, "replace") if row["ack"] else None
+    info = summary({k: row[k] for k in (
+        "id", "channel", "received_at", "message_type", "trigger_event", "control_id", "sending_application",
+        "sending_facility", "status", "ack_code", "error_step", "error", "size", "duplicate_of")})
+    info.update({"uid": row["uid"], "peer": row["peer"], "version": row["version"], "charset": codec,
+                 "sha256": row["sha256"], "partition": row["partition"], "batch_uid": row["batch_uid"]})
+    if as_json:
+        typer.echo(json.dumps({**info, "raw": raw, "ack": ack}, ensure_ascii=False))
+        return
+    for k, v in info.items():
+        if v is not None:
+            typer.echo(f"{k + ':':<20}{v}")
+    typer.echo("\n--- message ---")
+    typer.echo("\n".join(s for s in raw.replace("\r\n", "\r").replace("\n", "\r").split("\r")))
+    if ack:
+        typer.echo("--- ACK sent ---")
+        typer.echo("\n".join(s for s in ack.split("\r") if s))
+
+
+@db_app.command("upgrade")
+def db_upgrade(config: ConfigDir = Path("."), revision: str = "head") -> None:
+    """Apply database migrations (also done when the engine starts)."""
+    from engine.store import db
+
+    url = _settings().resolved_database_url(config)
+    db.upgrade(url, revision)
+    typer.echo(f"database at revision {db.current_revision(url)}")
+
+
+@db_app.command("current")
+def db_current(config: ConfigDir = Path(".")) -> None:
+    """Print the database's migration revision."""
+    from engine.store import db
+
+    typer.echo(db.current_revision(_settings().resolved_database_url(config)) or "empty")
+
+
+def main() -> None:
+    try:
+        app()
+    except UsageError as exc:
+        typer.echo(str(exc), err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""Configuration models: what hospital IT writes in YAML. Validation only; no runtime state here.
+
+Unknown keys are rejected everywhere (``extra="forbid"``), so a typo is an error, not a silently
+ignored setting.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+
+from engine.hl7.charsets import python_codec
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+_SIZE_UNITS = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
+
+
+def _duration(value: object) -> object:
+    """``30s``, ``5m``, ``1h``, ``250ms`` or a number of seconds."""
+    if isinstance(value, str):
+        m = _DURATION.match(value)
+        if not m:
+            raise ValueError(f"expected a duration such as 30s, 5m or 1h, got {value!r}")
+        return float(m.group(1)) * _UNITS[m.group(2)]
+    return value
+
+
+def _size(value: object) -> object:
+    """``1MiB``, ``512KiB``, ``2MB`` or a number of bytes."""
+    if isinstance(value, str):
+        m = _SIZE.match(value)
+        if not m:
+            raise ValueError(f"expected a size such as 1MiB or 65536, got {value!r}")
+        unit = (m.group(2) or "B").lower()
+        return int(float(m.group(1)) * _SIZE_UNITS[unit])
+    return value
+
+
+Duration = Annotated[float, BeforeValidator(_duration), Field(ge=0)]
+Size = Annotated[int, BeforeValidator(_size), Field(gt=0)]
+
+HL7_VERSIONS = ("2.1", "2.2", "2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.7.1",
+                "2.8", "2.8.1", "2.8.2", "2.9", "2.9.1")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TLSConfig(Strict):
+    """TLS for a listener. Paths only; the key file itself is the secret and stays on disk."""
+
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path | None = Field(
+        default=None, description="when set, senders must present a certificate signed by this CA"
+    )
+    min_version: Literal["1.2", "1.3"] = "1.2"
+
+
+class ListenConfig(Strict):
+    host: str = "0.0.0.0"
+    port: int = Field(default=2575, ge=1, le=65535)
+    max_connections: int = Field(default=1000, ge=1)
+    idle_timeout: Duration = Field(default=3600.0, description="close a connection silent this long; 0 = never")
+    frame_timeout: Duration = Field(default=60.0, description="longest time one frame may take to arrive")
+    allowed_senders: list[str] | None = Field(default=None, description="CIDR list; none means any address")
+    tls: TLSConfig | None = None
+    max_pipelined: int = Field(default=64, ge=1, description="unanswered messages per connection before "
+                                                            "the engine stops reading from it")
+
+    @field_validator("allowed_senders")
+    @classmethod
+    def _cidrs(cls, v: list[str] | None) -> list[str] | None:
+        for item in v or []:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"expected an address or CIDR network such as 10.1.0.0/16, got {item!r}") from None
+        return v
+
+
+class AcceptConfig(Strict):
+    versions: list[str] = Field(default_factory=lambda: list(HL7_VERSIONS))
+    processing_ids: list[str] = Field(default_factory=lambda: ["P"], description="MSH-11 values accepted")
+
+    @field_validator("versions")
+    @classmethod
+    def _versions(cls, v: list[str]) -> list[str]:
+        for item in v:
+            if item not in HL7_VERSIONS:
+                raise ValueError(f"unknown HL7 version {item!r}; expected one of {', '.join(HL7_VERSIONS)}")
+        return v
+
+    @field_validator("processing_ids")
+    @classmethod
+    def _pids(cls, v: list[str]) -> list[str]:
+        for item in v:
+            if item not in ("P", "T", "D"):
+                raise ValueError(f"expected processing IDs from P, T, D, got {item!r}")
+        return v
+
+
+class AckConfig(Strict):
+    mode: Literal["original", "enhanced"] = "original"
+    after: Literal["stored", "processed"] = "stored"
+    timeout: Duration = Field(default=10.0, gt=0, description="answer AE if the message is not durable by then")
+    application: str = Field(default="HL7ENGINE", description="our MSH-3 when the sender left MSH-5 empty")
+    facility: str = Field(default="", description="our MSH-4 when the sender left MSH-6 empty")
+
+
+class ChannelConfig(Strict):
+    """One MLLP channel: ``channels/<name>.yaml``."""
+
+    name: str = Field(default="", pattern=r"^$|^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    description: str = ""
+    enabled: bool = True
+    listen: ListenConfig = Field(default_factory=ListenConfig)
+    max_message_size: Size = 1024 * 1024
+    charset: str = Field(default="utf-8", description="used when MSH-18 is empty, e.g. windows-1251")
+    timezone: str = Field(default="UTC", description="for times without an offset, e.g. Europe/Minsk")
+    segment_separators: Literal["lenient", "strict"] = Field(
+        default="lenient", description="lenient accepts LF and CRLF as well as CR; strict refuses them"
+    )
+    batches: Literal["accept", "reject"] = "accept"
+    accept: AcceptConfig = Field(default_factory=AcceptConfig)
+    ack: AckConfig = Field(default_factory=AckConfig)
+    validation: Literal["none", "hl7apy"] = "none"
+
+    @field_validator("charset")
+    @classmethod
+    def _charset(cls, v: str) -> str:
+        try:
+            python_codec(v)
+        except LookupError:
+            raise ValueError(f"unknown character set {v!r}; try utf-8, latin-1 or windows-1251") from None
+        return v
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, v: str) -> str:
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown timezone {v!r}; use an IANA name such as Europe/Minsk") from None
+        return v

@@ -1,0 +1,72 @@
+"""MSH-18 character sets (HL7 table 0211) to Python codecs.
+
+The engine keeps the original bytes; a codec is needed only to read header fields, to show a
+message to a person, and to encode the ACK in the sender's own character set.
+"""
+
+from __future__ import annotations
+
+import codecs
+from functools import lru_cache
+
+# HL7 table 0211 (and the spellings seen in the field) -> Python codec name.
+_TABLE_0211 = {
+    "ASCII": "ascii",
+    "8859/1": "latin-1",
+    "8859/2": "iso8859-2",
+    "8859/3": "iso8859-3",
+    "8859/4": "iso8859-4",
+    "8859/5": "iso8859-5",
+    "8859/6": "iso8859-6",
+    "8859/7": "iso8859-7",
+    "8859/8": "iso8859-8",
+    "8859/9": "iso8859-9",
+    "8859/15": "iso8859-15",
+    "ISO IR6": "ascii",
+    "ISO IR14": "ascii",
+    "ISO IR87": "iso2022_jp_ext",
+    "ISO IR159": "iso2022_jp_2",
+    "ISO IR100": "latin-1",
+    "ISO IR144": "iso8859-5",
+    "GB 18030-2000": "gb18030",
+    "KS X 1001": "euc_kr",
+    "BIG-5": "big5",
+    "UNICODE": "utf-8",
+    "UNICODE UTF-8": "utf-8",
+    "UNICODE UTF-16": "utf-16",
+    "UNICODE UTF-32": "utf-32",
+}
+_ISO2022 = {"ISO IR87", "ISO IR159"}
+
+
+def _normalise(value: str) -> str:
+    return " ".join(value.strip().upper().replace("_", " ").split())
+
+
+@lru_cache(maxsize=256)
+def codec_for_charset(value: str) -> str | None:
+    """Return the Python codec for an MSH-18 value (a repeating field, already decoded as ASCII).
+
+    ``""`` gives None (use the channel default). An unknown value also gives None; the caller
+    logs it and falls back to the channel's charset.
+    """
+    reps = [_normalise(r) for r in value.split("~")] if value else []
+    reps = [r.replace("ISOIR", "ISO IR") for r in reps]
+    if any(r in _ISO2022 for r in reps):
+        return "iso2022_jp_ext"  # code extension techniques (ISO 2022) as used in Japan
+    for rep in reps:
+        if not rep:
+            continue
+        if rep in _TABLE_0211:
+            return _TABLE_0211[rep]
+        try:  # UTF-8, ISO-8859-5, WINDOWS-1251, KOI8-R ... spelled as Python knows them
+            return codecs.lookup(rep.replace(" ", "-")).name
+        except LookupError:
+            return None
+    return None
+
+
+@lru_cache(maxsize=64)
+def python_codec(name: str) -> str:
+    """Validate a codec name given in configuration (e.g. ``windows-1251``); raise LookupError."""
+    return codecs.lookup(name).name

@@ -1,0 +1,33 @@
+"""The embedded queue: rows in ``queue_entries``, in the message store's own database.
+
+Used when no broker is configured. The queue entry is written in the same transaction as the
+message row, so a message is durable and queued at the same instant, before the ACK.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import Connection
+
+from engine.intake.item import Record
+from engine.store.bulk import insert_rows
+from engine.store.schema import queue_entries
+
+
+class DatabaseQueue:
+    name = "database"
+
+    COLUMNS = ("message_uid", "partition", "enqueued_at", "available_at", "attempts")
+
+    def enqueue(self, conn: Connection, records: list[Record], deadline: float) -> None:
+        rows = []
+        for r in records:
+            at = r.row[2]  # received_at, already in the driver's form
+            rows.append((r.uid, r.partition, at, at, 0))
+        cursor = conn.connection.cursor()
+        try:
+            insert_rows(cursor, conn.dialect.paramstyle, queue_entries, self.COLUMNS, rows)
+        finally:
+            cursor.close()
+
+    def close(self) -> None:
+        return None

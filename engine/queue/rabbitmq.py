@@ -1,0 +1,317 @@
+"""RabbitMQ hand-off with publisher confirms.
+
+Topology: a durable direct exchange ``<name>`` and one durable queue per partition,
+``<name>.p<N>`` (quorum where the broker supports it, else classic durable), each with
+``x-single-active-consumer`` so one worker at a time applies a partition's messages in order.
+Messages are published persistent and ``mandatory`` (an unroutable message fails the batch
+instead of vanishing). ``publish`` returns only when the broker has confirmed every message.
+
+pika is not thread-safe: one thread owns the connection and its I/O loop; writer threads hand
+batches to it with ``add_callback_threadsafe`` and wait for the confirms.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import pika
+from pika.adapters.select_connection import SelectConnection
+from pika.exceptions import AMQPError, ChannelClosedByBroker
+from sqlalchemy import Connection
+
+from engine.errors import UnavailableError
+from engine.intake.item import Record
+from engine.observe import get_logger
+
+log = get_logger("engine.queue")
+
+DEAD_LETTER_SUFFIX = ".dead"
+
+
+def queue_names(name: str, partitions: int) -> list[str]:
+    return [f"{name}.p{i}" for i in range(partitions)]
+
+
+def connection_parameters(url: str) -> pika.URLParameters:
+    params = pika.URLParameters(url)
+    params.heartbeat = 30
+    params.blocked_connection_timeout = 30
+    params.connection_attempts = 1
+    params.socket_timeout = 3
+    params.stack_timeout = 5
+    params.client_properties = {"connection_name": "hl7engine"}
+    return params
+
+
+def declare_topology(url: str, name: str, partitions: int) -> str:
+    """Declare exchange, partition queues and bindings (idempotent). Returns the queue type used."""
+    conn = pika.BlockingConnection(connection_parameters(url))
+    try:
+        ch = conn.channel()
+        ch.exchange_declare(name, exchange_type="direct", durable=True)
+        ch.exchange_declare(name + DEAD_LETTER_SUFFIX, exchange_type="fanout", durable=True)
+        ch.queue_declare(name + DEAD_LETTER_SUFFIX, durable=True, arguments={"x-queue-type": "quorum"})
+        ch.queue_bind(name + DEAD_LETTER_SUFFIX, name + DEAD_LETTER_SUFFIX)
+        kind = "quorum"
+        for i, q in enumerate(queue_names(name, partitions)):
+            args = {"x-single-active-consumer": True, "x-dead-letter-exchange": name + DEAD_LETTER_SUFFIX}
+            try:
+                ch.queue_declare(q, durable=True, arguments={**args, "x-queue-type": kind})
+            except ChannelClosedByBroker as exc:
+                ch = conn.channel()
+                if kind == "quorum" and exc.reply_code in (406, 540):
+                    try:  # an existing queue of another type keeps its type
+                        ch.queue_declare(q, passive=True)
+                    except ChannelClosedByBroker:
+                        ch = conn.channel()
+                        kind = "classic"
+                        ch.queue_declare(q, durable=True, arguments={**args, "x-queue-type": kind})
+                else:
+                    raise
+            ch.queue_bind(q, name, routing_key=str(i))
+        return kind
+    finally:
+        conn.close()
+
+
+class _Batch:
+    __slots__ = ("error", "event", "remaining")
+
+    def __init__(self, n: int) -> None:
+        self.remaining = n
+        self.error = ""
+        self.event = threading.Event()
+
+    def confirm(self) -> None:
+        self.remaining -= 1
+        if self.remaining <= 0:
+            self.event.set()
+
+    def fail(self, reason: str) -> None:
+        if not self.error:
+            self.error = reason
+        self.event.set()
+
+
+class RabbitPublisher:
+    """Owns one AMQP connection in its own thread; reconnects by itself with backoff."""
+
+    def __init__(self, url: str, exchange: str, *, max_delay: float = 10.0) -> None:
+        self.url = url
+        self.exchange = exchange
+        self.max_delay = max_delay
+        self.last_error = "not connected yet"
+        self._params = connection_parameters(url)
+        self._conn: SelectConnection | None = None
+        self._channel: Any = None
+        self._ready = threading.Event()
+        self._stopping = False
+        self._opened = False  # the current connection got as far as confirm mode
+        self._lock = threading.Lock()
+        self._waiting: set[_Batch] = set()  # handed to the I/O thread, not yet confirmed or failed
+        self._tags: dict[int, tuple[_Batch, str]] = {}  # delivery tag -> (batch, message uid)
+        self._order: deque[int] = deque()
+        self._by_uid: dict[str, _Batch] = {}
+        self._next_tag = 0
+        self._thread = threading.Thread(target=self._run, name="amqp-publisher", daemon=True)
+        self._thread.start()
+
+    @property
+    def connected(self) -> bool:
+        return self._ready.is_set()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._ready.wait(timeout)
+
+    def publish(self, messages: list[tuple[str, bytes, pika.BasicProperties]], timeout: float) -> None:
+        """Publish and wait for every confirm; raise UnavailableError on nack, return or timeout."""
+        if not messages:
+            return
+        conn = self._conn
+        if conn is None or not self._ready.is_set():
+            raise UnavailableError("broker", self.last_error)
+        batch = _Batch(len(messages))
+        with self._lock:
+            self._waiting.add(batch)
+        try:
+            conn.ioloop.add_callback_threadsafe(lambda: self._publish(batch, messages))
+        except Exception as exc:  # the loop is closing
+            batch.fail(f"connection closing: {exc}")
+        ok = batch.event.wait(max(timeout, 0.001))
+        with self._lock:
+            self._waiting.discard(batch)
+        if not ok:
+            raise UnavailableError("broker", f"no publisher confirm within {timeout:.1f}s")
+        if batch.error:
+            raise UnavailableError("broker", batch.error)
+
+    def close(self) -> None:
+        self._stopping = True
+        conn = self._conn
+        if conn is not None:
+            try:
+                conn.ioloop.add_callback_threadsafe(self._close_now)
+            except Exception:
+                log.debug("broker connection already closed")
+        self._thread.join(timeout=10)
+
+    # -- I/O thread --------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        delay = 0.2
+        while True:
+            self._opened = False
+            try:
+                self._conn = SelectConnection(
+                    self._params,
+                    on_open_callback=self._on_open,
+                    on_open_error_callback=self._on_open_error,
+                    on_close_callback=self._on_closed,
+                )
+                self._conn.ioloop.start()
+            except Exception as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("broker connection failed", error=self.last_error)
+            self._ready.clear()
+            self._fail_all(self.last_error)
+            if self._stopping:
+                return
+            delay = 0.2 if self._opened else min(delay * 2, self.max_delay)
+            time.sleep(delay)
+
+    def _on_open(self, conn: SelectConnection) -> None:
+        conn.channel(on_open_callback=self._on_channel_open)
+
+    def _on_open_error(self, conn: SelectConnection, err: BaseException | str) -> None:
+        self.last_error = f"cannot connect to broker: {err}"
+        log.warning("broker unreachable", error=str(err))
+        conn.ioloop.stop()
+
+    def _on_closed(self, conn: SelectConnection, reason: BaseException) -> None:
+        self._ready.clear()
+        if not self._stopping:
+            self.last_error = f"broker connection lost: {reason}"
+            log.warning("broker connection lost", reason=str(reason))
+        self._fail_all(self.last_error)
+        conn.ioloop.stop()
+
+    def _on_channel_open(self, channel: Any) -> None:
+        self._channel = channel
+        self._next_tag = 0
+        self._tags.clear()
+        self._order.clear()
+        self._by_uid.clear()
+        channel.add_on_close_callback(self._on_channel_closed)
+        channel.add_on_return_callback(self._on_return)
+        channel.confirm_delivery(ack_nack_callback=self._on_confirm, callback=self._on_confirm_ok)
+
+    def _on_confirm_ok(self, _frame: Any) -> None:
+        self._opened = True
+        self.last_error = ""
+        self._ready.set()
+        log.info("broker connected", exchange=self.exchange)
+
+    def _on_channel_closed(self, channel: Any, reason: BaseException) -> None:
+        self._ready.clear()
+        self.last_error = f"broker channel closed: {reason}"
+        self._fail_all(self.last_error)
+        conn = self._conn
+        if conn is not None and conn.is_open and not self._stopping:
+            conn.close()
+
+    def _publish(self, batch: _Batch, messages: list[tuple[str, bytes, pika.BasicProperties]]) -> None:
+        ch = self._channel
+        if ch is None or not ch.is_open or not self._ready.is_set():
+            batch.fail(self.last_error or "broker channel not open")
+            return
+        try:
+            for routing_key, body, props in messages:
+                ch.basic_publish(self.exchange, routing_key, body, props, mandatory=True)
+                self._next_tag += 1
+                uid = props.message_id or ""
+                self._tags[self._next_tag] = (batch, uid)
+                self._order.append(self._next_tag)
+                self._by_uid[uid] = batch
+        except AMQPError as exc:
+            batch.fail(f"publish failed: {exc}")
+
+    def _on_return(self, _ch: Any, method: Any, props: Any, _body: bytes) -> None:
+        batch = self._by_uid.get(props.message_id or "")
+        if batch is not None:
+            batch.fail(f"broker returned the message ({method.reply_text}): no queue bound for its partition")
+
+    def _on_confirm(self, frame: Any) -> None:
+        method = frame.method
+        tag = method.delivery_tag
+        positive = isinstance(method, pika.spec.Basic.Ack)
+        if method.multiple:
+            done = []
+            while self._order and self._order[0] <= tag:
+                done.append(self._order.popleft())
+        else:
+            done = [tag]
+        for t in done:
+            entry = self._tags.pop(t, None)
+            if entry is None:
+                continue
+            batch, uid = entry
+            self._by_uid.pop(uid, None)
+            if positive:
+                batch.confirm()
+            else:
+                batch.fail("broker refused the message (nack)")
+        while self._order and self._order[0] not in self._tags:
+            self._order.popleft()
+
+    def _fail_all(self, reason: str) -> None:
+        with self._lock:
+            waiting = list(self._waiting)
+        for batch in waiting:
+            batch.fail(reason or "broker connection lost")
+        self._tags.clear()
+        self._order.clear()
+        self._by_uid.clear()
+
+    def _close_now(self) -> None:
+        conn = self._conn
+        if conn is not None and conn.is_open:
+            conn.close()
+        elif conn is not None:
+            conn.ioloop.stop()
+
+
+class RabbitQueue:
+    """Enqueuer for the writer: publishes accepted messages inside the store transaction."""
+
+    name = "rabbitmq"
+
+    def __init__(self, publisher: RabbitPublisher) -> None:
+        self.publisher = publisher
+
+    def enqueue(self, conn: Connection, records: list[Record], deadline: float) -> None:
+        batch = []
+        for r in records:
+            props = pika.BasicProperties(
+                delivery_mode=2,
+                message_id=r.uid,
+                timestamp=int(r.received_at.timestamp()),
+                content_type="application/hl7-v2",
+                content_encoding=r.charset,
+                type=r.type_label,
+                headers={
+                    "channel": r.channel,
+                    "control_id": r.control_id or "",
+                    "sending_facility": r.sending_facility or "",
+                    "received_at": r.received_at.isoformat(),
+                    "partition": r.partition,
+                    "batch_uid": r.batch_uid or "",
+                },
+            )
+            batch.append((str(r.partition), r.raw, props))
+        self.publisher.publish(batch, deadline - time.time())
+
+    def close(self) -> None:
+        self.publisher.close()

@@ -1,0 +1,37 @@
+"""Process settings from the environment (``HL7ENGINE_*``). Secrets live here, never in YAML."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Environment settings. Without a database or broker URL the embedded defaults serve:
+    a SQLite message store and a SQLite-backed queue under ``<config dir>/var/``."""
+
+    model_config = SettingsConfigDict(env_prefix="HL7ENGINE_", extra="ignore")
+
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db"
+    )
+    broker_url: str | None = Field(default=None, description="AMQP URL, e.g. amqp://guest:guest@host:5672/")
+    data_dir: Path | None = Field(default=None, description="where embedded data lives (default <config>/var)")
+    http_port: int = 8080
+    log_format: Literal["console", "json"] = "console"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    queue_partitions: int = Field(default=8, ge=1, le=1024)
+    queue_name: str = "hl7engine.inbound"
+    store_writers: int = Field(default=0, ge=0, le=32, description="0: 1 for SQLite, 3 for a server")
+    loop: Literal["auto", "asyncio", "uvloop"] = "auto"
+
+    def resolved_data_dir(self, config_dir: Path) -> Path:
+        return self.data_dir if self.data_dir is not None else config_dir / "var"
+
+    def resolved_database_url(self, config_dir: Path) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.resolved_data_dir(config_dir) / 'hl7engine.db'}"

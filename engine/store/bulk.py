@@ -1,0 +1,68 @@
+"""Driver-level bulk inserts for the receiving hot path.
+
+SQLAlchemy Core compiles and type-processes every row of an ``executemany``; on the ACK path that
+costs more than the database work. Here the INSERT text is built once per dialect from the same
+Table definitions and rows are passed as tuples already in the driver's types.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from functools import lru_cache
+from typing import Any
+
+from sqlalchemy import Dialect, Table
+
+
+@lru_cache(maxsize=32)
+def insert_sql(table: Table, columns: tuple[str, ...], paramstyle: str) -> str:
+    mark = "?" if paramstyle == "qmark" else "%s"
+    cols = ", ".join(f'"{c}"' for c in columns)
+    return f'INSERT INTO "{table.name}" ({cols}) VALUES ({", ".join([mark] * len(columns))})'
+
+
+def time_adapter(dialect: Dialect) -> Callable[[datetime | None], Any]:
+    """How a UTC datetime is passed to the driver: SQLite keeps SQLAlchemy's text form."""
+    if dialect.name == "sqlite":
+        return sqlite_time
+    return lambda dt: dt
+
+
+def sqlite_time(dt: datetime | None) -> str | None:
+    """SQLAlchemy's SQLite text form of a UTC datetime: ``YYYY-MM-DD HH:MM:SS.ffffff``."""
+    if dt is None:
+        return None
+    u = dt.astimezone(UTC) if dt.tzinfo is not UTC else dt
+    return f"{_second_text(int(u.timestamp()))}.{u.microsecond:06d}"
+
+
+@lru_cache(maxsize=4)
+def _second_text(second: int) -> str:
+    return datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@lru_cache(maxsize=512)
+def multirow_insert_sql(table: Table, columns: tuple[str, ...], paramstyle: str, n: int) -> str:
+    mark = "?" if paramstyle == "qmark" else "%s"
+    cols = ", ".join(f'"{c}"' for c in columns)
+    row = "(" + ", ".join([mark] * len(columns)) + ")"
+    return f'INSERT INTO "{table.name}" ({cols}) VALUES {", ".join([row] * n)}'
+
+
+MAX_ROWS_PER_STATEMENT = 128
+
+
+def insert_rows(cursor: Any, paramstyle: str, table: Table, columns: tuple[str, ...],
+                rows: Sequence[tuple[Any, ...]]) -> None:
+    """Insert ``rows`` with multi-row INSERT statements on a DBAPI cursor: one statement (one
+    driver call, one release of the GIL) per chunk instead of one per row."""
+    for start in range(0, len(rows), MAX_ROWS_PER_STATEMENT):
+        chunk = rows[start:start + MAX_ROWS_PER_STATEMENT]
+        sql = multirow_insert_sql(table, columns, paramstyle, len(chunk))
+        cursor.execute(sql, [v for row in chunk for v in row])
+
+
+def in_list(paramstyle: str, n: int) -> str:
+    mark = "?" if paramstyle == "qmark" else "%s"
+    return ", ".join([mark] * n)

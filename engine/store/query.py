@@ -1,0 +1,70 @@
+"""Read the message store: listing and showing messages for operators."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Engine, select
+
+from engine.store.schema import STATUSES, messages
+
+LIST_COLUMNS = (
+    messages.c.id, messages.c.channel, messages.c.received_at, messages.c.message_type, messages.c.trigger_event,
+    messages.c.control_id, messages.c.sending_application, messages.c.sending_facility, messages.c.status,
+    messages.c.ack_code, messages.c.error_step, messages.c.error, messages.c.size, messages.c.duplicate_of,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class MessageFilter:
+    status: str | None = None
+    channel: str | None = None
+    control_id: str | None = None
+    limit: int = 100
+    before_id: int | None = None
+
+
+def list_messages(engine: Engine, f: MessageFilter) -> list[dict[str, Any]]:
+    if f.status is not None and f.status not in STATUSES:
+        raise ValueError(f"unknown status {f.status!r}; expected one of {', '.join(STATUSES)}")
+    q = select(*LIST_COLUMNS).order_by(messages.c.id.desc()).limit(f.limit)
+    if f.status:
+        q = q.where(messages.c.status == f.status)
+        if f.status not in ("queued", "processed"):  # lets the planner use the partial index
+            q = q.where(messages.c.status.notin_(["queued", "processed"]))
+    if f.channel:
+        q = q.where(messages.c.channel == f.channel)
+    if f.control_id:
+        q = q.where(messages.c.control_id == f.control_id)
+    if f.before_id:
+        q = q.where(messages.c.id < f.before_id)
+    with engine.connect() as conn:
+        return [summary(dict(r._mapping)) for r in conn.execute(q)]
+
+
+def summary(row: dict[str, Any]) -> dict[str, Any]:
+    msg_type = row.pop("message_type") or ""
+    trigger = row.pop("trigger_event") or ""
+    received: datetime = row["received_at"]
+    return {
+        "id": row["id"],
+        "channel": row["channel"],
+        "received_at": received.isoformat(timespec="milliseconds"),
+        "type": f"{msg_type}^{trigger}" if trigger else msg_type,
+        "control_id": row["control_id"],
+        "sending_application": row["sending_application"],
+        "sending_facility": row["sending_facility"],
+        "status": row["status"],
+        "ack_code": row["ack_code"],
+        "error": f"{row['error_step']}: {row['error']}" if row["error"] else None,
+        "size": row["size"],
+        "duplicate_of": row["duplicate_of"],
+    }
+
+
+def get_message(engine: Engine, message_id: int) -> dict[str, Any] | None:
+    with engine.connect() as conn:
+        row = conn.execute(select(messages).where(messages.c.id == message_id)).first()
+    return dict(row._mapping) if row is not None else None

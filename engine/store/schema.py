@@ -1,0 +1,135 @@
+"""Message store tables (SQLAlchemy Core). Alembic migrations in ``migrations/`` create them.
+
+``messages`` keeps every message as received (raw bytes) with its lifecycle, the ACK that was
+sent and the error with its step. ``queue_entries`` is the embedded queue (used when no broker is
+configured): a message and its queue entry are committed in one transaction, before the ACK.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    SmallInteger,
+    String,
+    Table,
+    Text,
+)
+from sqlalchemy.types import TypeDecorator
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+    }
+)
+
+# Lifecycle of a stored message (design-notes guarantee 2).
+STATUSES = ("received", "queued", "processing", "processed", "filtered", "error", "replayed", "duplicate")
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite keeps them as naive UTC text)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        dt: datetime = datetime.fromisoformat(value) if isinstance(value, str) else value
+        return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+
+
+Id = BigInteger().with_variant(Integer, "sqlite")
+
+messages = Table(
+    "messages",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("uid", String(32), nullable=False, unique=True),
+    Column("channel", String(64), nullable=False),
+    Column("received_at", UTCDateTime, nullable=False),
+    Column("peer", String(64)),
+    Column("sending_application", String(250)),
+    Column("sending_facility", String(250)),
+    Column("receiving_application", String(250)),
+    Column("receiving_facility", String(250)),
+    Column("message_type", String(16)),
+    Column("trigger_event", String(16)),
+    Column("structure", String(16)),
+    Column("control_id", String(199)),
+    Column("processing_id", String(8)),
+    Column("version", String(16)),
+    Column("charset", String(32)),
+    Column("size", Integer, nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("accepted", Boolean, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("duplicate_of", Id, ForeignKey("messages.id")),
+    Column("batch_uid", String(32)),
+    Column("partition", SmallInteger),
+    Column("raw", LargeBinary, nullable=False),
+    Column("ack_code", String(2)),
+    Column("ack", LargeBinary),
+    Column("acked_at", UTCDateTime),
+    Column("error_step", String(16)),
+    Column("error", Text),
+    Column("updated_at", UTCDateTime),
+)
+# Every index costs a page rewrite per commit on the receiving path, so only these:
+# - control ID (+ sending facility): operators' search, and resend detection (same MSH-4 + MSH-10);
+# - a partial index on the statuses operators look for (not the many queued/processed rows);
+# - uid (unique): the cross-system identity used by the queue, workers and replay.
+Index("ix_messages_control_id", messages.c.control_id, messages.c.sending_facility)
+Index("ix_messages_status_attention", messages.c.status, messages.c.id,
+      sqlite_where=messages.c.status.notin_(["queued", "processed"]),
+      postgresql_where=messages.c.status.notin_(["queued", "processed"]))
+
+queue_entries = Table(
+    "queue_entries",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("message_uid", String(32), ForeignKey("messages.uid"), nullable=False),
+    Column("partition", SmallInteger, nullable=False),
+    Column("enqueued_at", UTCDateTime, nullable=False),
+    Column("available_at", UTCDateTime, nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("claimed_by", String(64)),
+    Column("claimed_at", UTCDateTime),
+)
+Index("ix_queue_entries_partition_id", queue_entries.c.partition, queue_entries.c.id)
+
+message_events = Table(
+    "message_events",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("message_id", Id, ForeignKey("messages.id"), nullable=False),
+    Column("at", UTCDateTime, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("step", String(16)),
+    Column("detail", Text),
+)
+Index("ix_message_events_message_id", message_events.c.message_id)
