@@ -133,13 +133,13 @@ class Receiver:
         if rt.strict_segments and b"\n" in raw:
             problems.append(HL7Error("100", "LF_SEGMENTS",
                                      "segments must end with CR; this channel refuses LF and CRLF", "MSH^1"))
-        second = raw.find(b"MSH" + h.delimiters.field.encode("latin-1"), 4)
+        second = raw.find(b"MSH", 4)
         while second > 0 and raw[second - 1] not in (13, 10):
-            second = raw.find(b"MSH" + h.delimiters.field.encode("latin-1"), second + 4)
+            second = raw.find(b"MSH", second + 3)
         if second > 0:
             problems.append(HL7Error("100", "MULTIPLE_MESSAGES",
-                                     "frame holds more than one message; send one message per frame or wrap "
-                                     "them in a batch (FHS/BHS)", "MSH^2"))
+                                     "frame holds more than one MSH segment; send one message per frame or "
+                                     "wrap several in a batch (FHS/BHS)", "MSH^2"))
         return problems
 
     # -- single messages ---------------------------------------------------------------------------
@@ -242,12 +242,19 @@ class Receiver:
         if rt.config.batches == "reject":
             problem = HL7Error("207", "BATCH_REFUSED", "this channel does not accept batches; send one message "
                                                        "per frame", "BHS^1")
-        elif batch.declared_count is not None and batch.declared_count != len(batch.messages):
-            problem = HL7Error("100", "BATCH_COUNT", f"BTS-1 says {batch.declared_count} messages but the batch "
-                                                     f"holds {len(batch.messages)}; nothing was accepted", "BTS^1^1")
+        elif not batch.messages and batch.declared_count:
+            problem = HL7Error("100", "BATCH_EMPTY", f"BTS-1 says {batch.declared_count} messages but the batch "
+                                                     "holds none", "BTS^1^1")
         if problem is not None:
             self._refuse_batch(payload, peer, pending, batch, problem, codec)
             return
+        notes = []
+        if batch.declared_count is not None and batch.declared_count != len(batch.messages):
+            notes.append(f"BTS-1 says {batch.declared_count} messages, the batch holds {len(batch.messages)}")
+        if batch.stray_segments:
+            notes.append(f"{batch.stray_segments} segment(s) outside any message were ignored")
+        if notes:
+            self.events.log.warning("batch envelope mismatch", control_id=batch.control_id, notes="; ".join(notes))
         batch_uid = new_uid()
         items: list[Item] = []
         for raw in batch.messages:
@@ -265,14 +272,15 @@ class Receiver:
             else:
                 assert header is not None
                 items.append(self._item(raw, peer, header, "AA", batch_uid))
+        note = "; ".join(notes)
         if not items:
-            self._batch_answer(pending, batch, [], codec)
+            self._batch_answer(pending, batch, [], codec, note=note)
             return
-        job = Job(items, partial(self._batch_done, pending, batch, codec), _wall_deadline(pending))
+        job = Job(items, partial(self._batch_done, pending, batch, codec, note), _wall_deadline(pending))
         pending.on_timeout = partial(self._batch_timeout, job, pending, batch, codec)
         self.writer.submit(job)
 
-    def _batch_done(self, pending: Pending, batch: Batch, codec: str, job: Job) -> None:
+    def _batch_done(self, pending: Pending, batch: Batch, codec: str, note: str, job: Job) -> None:
         if job.expired:
             return
         acks: list[str] = []
@@ -289,7 +297,7 @@ class Receiver:
             outcome = {"recorded": "refused"}.get(item.outcome, item.outcome)
             self.events.answered(outcome, item.ack_code or "", control_id=item.control_id, msg_type=item.type_label,
                                  size=item.size, latency=time.monotonic() - pending.t0, reason=item.error or "")
-        self._batch_answer(pending, batch, acks, codec, total=len(job.items))
+        self._batch_answer(pending, batch, acks, codec, total=len(job.items), note=note)
         if failed:
             for item in job.items:
                 item.status = "error"
@@ -306,9 +314,10 @@ class Receiver:
                 for it in job.items]
         self._batch_answer(pending, batch, acks, codec, total=len(job.items))
 
-    def _batch_answer(self, pending: Pending, batch: Batch, acks: list[str], codec: str, total: int = 0) -> None:
+    def _batch_answer(self, pending: Pending, batch: Batch, acks: list[str], codec: str, total: int = 0,
+                      note: str = "") -> None:
         rt = self.rt
-        comment = f"{total - len(acks)} of {total} messages accepted"
+        comment = f"{total - len(acks)} of {total} messages accepted" + (f"; {note}" if note else "")
         text = batch_response(batch, acks, comment=comment, clock=rt.clock, control_ids=rt.control_ids,
                               application=rt.config.ack.application, facility=rt.config.ack.facility)
         pending.resolve(text.encode(codec, "replace"))
