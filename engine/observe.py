@@ -85,22 +85,34 @@ def configure_logging(level: str = "info", fmt: str = "console") -> None:
     """Set up structlog once per process; lines go to stderr."""
     global _configured
     lvl = getattr(logging, level.upper(), logging.INFO)
-    logging.basicConfig(level=lvl, stream=sys.stderr, format="%(message)s")
-    for noisy in ("pika", "alembic", "sqlalchemy", "asyncio"):
-        logging.getLogger(noisy).setLevel(max(lvl, logging.WARNING))
     renderer: Any = (structlog.processors.JSONRenderer() if fmt == "json"
                      else structlog.dev.ConsoleRenderer(colors=False))
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            renderer,
-        ],
+        processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(lvl),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        # one write per line: the listener and its store writer process share stderr
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
+    # libraries' own log records (alembic, SQLAlchemy, pika) in the same format, on stderr
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+    ))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(lvl)
+    for noisy in ("alembic", "sqlalchemy", "asyncio"):
+        logging.getLogger(noisy).setLevel(max(lvl, logging.WARNING))
+    # pika logs every lost connection at ERROR with socket details; the publisher reports
+    # connection state itself, with the channel context, so only pika's critical records pass
+    logging.getLogger("pika").setLevel(logging.CRITICAL)
     _configured = True
 
 

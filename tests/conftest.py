@@ -163,12 +163,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def write_channel(config_dir: Path, name: str, port: int, extra: str = "") -> Path:
+def write_channel(config_dir: Path, name: str, port: int, extra: str = "", listen_extra: str = "") -> Path:
+    """A test channel on 127.0.0.1:``port``; ``extra`` is appended at the top level, ``listen_extra``
+    (e.g. ``{"idle_timeout": "2s"}`` as YAML lines) under ``listen:``."""
     (config_dir / "channels").mkdir(parents=True, exist_ok=True)
     path = config_dir / "channels" / f"{name}.yaml"
+    listen = "".join(f"  {line}\n" for line in listen_extra.splitlines() if line.strip())
     path.write_text(
         f"name: {name}\n"
-        f"listen:\n  host: 127.0.0.1\n  port: {port}\n"
+        f"listen:\n  host: 127.0.0.1\n  port: {port}\n{listen}"
         "accept:\n  processing_ids: [P, T, D]\n"
         + extra,
         encoding="utf-8",
@@ -265,11 +268,11 @@ def engine_factory(tmp_path: Path) -> Iterator[object]:
     """Start engines in ``tmp_path``; they are stopped at the end of the test."""
     started: list[RunningEngine] = []
 
-    def factory(backend: Backend | None = None, *, channel_extra: str = "", port: int | None = None,
-                **env_extra: str) -> RunningEngine:
+    def factory(backend: Backend | None = None, *, channel_extra: str = "", listen_extra: str = "",
+                port: int | None = None, **env_extra: str) -> RunningEngine:
         p = port or free_port()
-        if not (tmp_path / "channels" / "test.yaml").exists() or channel_extra:
-            write_channel(tmp_path, "test", p, channel_extra)
+        if not (tmp_path / "channels" / "test.yaml").exists() or channel_extra or listen_extra:
+            write_channel(tmp_path, "test", p, channel_extra, listen_extra)
         eng = start_engine(tmp_path, p, engine_env(tmp_path, backend, **env_extra))
         started.append(eng)
         return eng

@@ -17,6 +17,7 @@ from datetime import datetime
 from zoneinfo import ZoneInfo
 
 from engine.errors import HL7Error
+from engine.hl7.charsets import ECHO
 from engine.hl7.header import Delimiters, Header
 
 TABLE_0357 = {
@@ -121,7 +122,7 @@ class AckBuilder:
         if not errors and not text and header is not None and not header.salvaged:
             return self._fast(header, code)
         return self.build_text(header, code, errors, text=text).encode(
-            header.codec if header else "ascii", "replace"
+            header.codec if header else "ascii", ECHO
         )
 
     def _fast(self, header: Header, code: str) -> bytes:
@@ -145,7 +146,7 @@ class AckBuilder:
             parts = self._templates[key] = (head, middle, tail)
         head, middle, tail = parts
         return (head + self.clock() + middle + self.control_ids() + tail + header.control_id + "\r").encode(
-            header.codec, "replace")
+            header.codec, ECHO)
 
     def build_text(
         self,

@@ -9,6 +9,30 @@ from __future__ import annotations
 import codecs
 from functools import lru_cache
 
+ECHO = "hl7echo"
+
+
+def _echo(exc: UnicodeError) -> tuple[str | bytes, int]:
+    """Encode error handler: bytes kept by ``surrogateescape`` go back as they came; any other
+    character the charset cannot represent becomes ``?``."""
+    if not isinstance(exc, UnicodeEncodeError):
+        raise exc
+    out = bytearray()
+    for ch in exc.object[exc.start:exc.end]:
+        code = ord(ch)
+        out += bytes([code - 0xDC00]) if 0xDC80 <= code <= 0xDCFF else b"?"
+    return bytes(out), exc.end
+
+
+codecs.register_error(ECHO, _echo)
+
+
+def clean(text: str, codec: str) -> str:
+    """Text for storage and display: bytes the charset could not decode become U+FFFD."""
+    if text.isascii():
+        return text
+    return text.encode(codec, "surrogateescape").decode(codec, "replace")
+
 # HL7 table 0211 (and the spellings seen in the field) -> Python codec name.
 _TABLE_0211 = {
     "ASCII": "ascii",

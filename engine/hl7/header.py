@@ -154,7 +154,8 @@ def read_header(raw: bytes, default_codec: str) -> Header:
     end = segment_end(raw, start)
     seg = raw[start:end]
     delims = read_delimiters(seg)
-    values = seg.decode(default_codec, "replace").split(delims.field)
+    # surrogateescape: bytes the charset cannot decode survive, so echoed fields go back unchanged
+    values = seg.decode(default_codec, "surrogateescape").split(delims.field)
     codec = default_codec
     known = True
     charset = values[17] if len(values) > 17 else ""
@@ -164,7 +165,7 @@ def read_header(raw: bytes, default_codec: str) -> Header:
             known = False
         elif found != codec:
             codec = found
-            values = seg.decode(codec, "replace").split(delims.field)
+            values = seg.decode(codec, "surrogateescape").split(delims.field)
     # MSH-1 is the separator itself: fields[1] = "|", fields[2] = MSH-2, fields[n] = MSH-n.
     fields = ["MSH", delims.field, *values[1:]]
     header = Header(delims, fields, codec, known)
@@ -194,7 +195,7 @@ def salvage_header(raw: bytes, default_codec: str) -> Header | None:
     seg = raw[start:end]
     if not seg.startswith(b"MSH") or len(seg) < 4:
         return None
-    text = seg.decode(default_codec, "replace")
+    text = seg.decode(default_codec, "surrogateescape")
     fs = text[3]
     if fs.isdigit() or fs.isspace():
         return None

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from hashlib import sha256
 from typing import Any
 
+from engine.hl7.charsets import clean
 from engine.hl7.header import Header
 
 _UID_PREFIX = os.urandom(5).hex()  # per process; with the counter below, unique without a syscall each
@@ -58,6 +59,10 @@ class Item:
     failure: str = ""
     failure_service: str = ""
 
+    def __post_init__(self) -> None:
+        if not self.size:
+            self.size = len(self.raw)
+
     @property
     def control_id(self) -> str:
         return self.header.control_id if self.header is not None else ""
@@ -75,11 +80,13 @@ class Item:
             delims = h.delimiters.field + h.delimiters.encoding
             f = h.fields
             n = len(f)
+            c = h.codec
             head = (
-                f[3] if n > 3 else "", h.sending_facility, f[5] if n > 5 else "", f[6] if n > 6 else "",
-                h.message_type, h.trigger_event, h.structure, h.control_id, h.processing_id, h.version, h.codec,
+                clean(f[3], c) if n > 3 else "", clean(h.sending_facility, c), clean(f[5], c) if n > 5 else "",
+                clean(f[6], c) if n > 6 else "", clean(h.message_type, c), clean(h.trigger_event, c),
+                clean(h.structure, c), clean(h.control_id, c), clean(h.processing_id, c), clean(h.version, c), c,
             )
-        return (self.uid, self.channel, self.received_at, self.peer, *head, self.size or len(self.raw),
+        return (self.uid, self.channel, self.received_at, self.peer, *head, self.size,
                 self.status, delims, self.raw, self.ack_code, self.ack, self.error_step, self.error,
                 self.batch_uid)
 

@@ -1,0 +1,164 @@
+"""The store transaction (BatchWriter) on SQLite and PostgreSQL: resend detection, all-or-nothing
+with the queue, expired jobs, ACK corrections; and the writer process driven by StoreClient."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Connection
+
+from engine.errors import UnavailableError
+from engine.hl7.header import read_header
+from engine.intake.item import Item, Record, new_uid
+from engine.intake.store_client import StoreClient
+from engine.intake.writer import BatchWriter, Job, WireJob
+from engine.queue.dbqueue import DatabaseQueue
+from engine.settings import Settings
+from engine.store import db
+from tests.support import queue_rows, store_rows
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        u = f"sqlite:///{tmp_path / 'store.db'}"
+    else:
+        u = request.getfixturevalue("postgres_url")
+    db.upgrade(u)
+    return u
+
+
+def msg(cid: str, facility: str = "WLAB", body: str = "A", patient: str = "77") -> bytes:
+    return (f"MSH|^~\\&|LIS|{facility}|HL7ENGINE|CENTRAL|20261122101500||ORU^R01^ORU_R01|{cid}|P|2.5.1\r"
+            f"PID|1||{patient}^^^{facility}^MR||DOE^{body}\r").encode()
+
+
+def wire_job(*raws: bytes, status: str = "queued", deadline: float | None = None, job_id: int = 1) -> WireJob:
+    items = []
+    for raw in raws:
+        h = read_header(raw, "utf-8")
+        items.append(Item(new_uid(), "w", time.time(), "127.0.0.1:1", raw, h, status, "AA", b"ACK"))
+    job = Job(items, lambda j: None, deadline if deadline is not None else time.time() + 30)
+    return WireJob.from_wire(job.wire(job_id))
+
+
+def write(writer: BatchWriter, *jobs: WireJob) -> tuple[int, float, str]:
+    for j in jobs:
+        writer.prepare(j)
+    return writer.write(list(jobs))
+
+
+def test_resends_are_duplicates_of_the_accepted_original(url: str) -> None:
+    w = BatchWriter(db.make_engine(url, writer=True), DatabaseQueue(), partitions=8)
+    first = wire_job(msg("D1"))
+    write(w, first)
+    assert first.records[0].outcome == "accepted"
+    same = wire_job(msg("D1"))
+    changed = wire_job(msg("D1", body="B"))  # same control ID, other bytes: a new message
+    other_sender = wire_job(msg("D1", facility="OTHER"))
+    write(w, same, changed, other_sender)
+    assert same.records[0].outcome == "duplicate"
+    assert changed.records[0].outcome == "accepted"
+    assert other_sender.records[0].outcome == "accepted"
+    rows = {r["uid"]: r for r in store_rows(url)}
+    original = rows[first.records[0].uid]
+    dup = rows[same.records[0].uid]
+    assert dup["status"] == "duplicate" and dup["duplicate_of"] == original["id"] and not dup["accepted"]
+    queued = [q["message_uid"] for q in queue_rows(url)]
+    assert queued == [first.records[0].uid, changed.records[0].uid, other_sender.records[0].uid]
+
+
+def test_identical_messages_in_one_transaction(url: str) -> None:
+    w = BatchWriter(db.make_engine(url, writer=True), DatabaseQueue())
+    a, b = wire_job(msg("SAME")), wire_job(msg("SAME"))
+    write(w, a, b)
+    assert (a.records[0].outcome, b.records[0].outcome) == ("accepted", "duplicate")
+    rows = {r["uid"]: r for r in store_rows(url)}
+    assert rows[b.records[0].uid]["duplicate_of"] == rows[a.records[0].uid]["id"]
+    assert b.records[0].duplicate_of == rows[a.records[0].uid]["id"]
+    assert len(queue_rows(url)) == 1
+
+
+def test_refused_messages_are_recorded_not_queued(url: str) -> None:
+    w = BatchWriter(db.make_engine(url, writer=True), DatabaseQueue())
+    j = wire_job(msg("REF"), status="error")
+    write(w, j)
+    assert j.records[0].outcome == "recorded"
+    assert store_rows(url)[0]["status"] == "error"
+    assert queue_rows(url) == []
+
+
+class BrokenQueue:
+    name = "broken"
+
+    def enqueue(self, conn: Connection, records: list[Record], deadline: float) -> None:
+        raise UnavailableError("broker", "no publisher confirm within 3.0s")
+
+    def close(self) -> None:
+        return None
+
+
+def test_queue_failure_rolls_back_the_whole_transaction(url: str) -> None:
+    w = BatchWriter(db.make_engine(url, writer=True), BrokenQueue())
+    jobs = [wire_job(msg(f"RB{i}"), job_id=i) for i in range(3)]
+    count, _, failed = write(w, *jobs)
+    assert failed == "broker" and count == 3
+    assert all(j.records[0].outcome == "failed" and j.records[0].failure_service == "broker" for j in jobs)
+    assert store_rows(url) == [], "nothing half-done is kept"
+
+
+def test_expired_job_is_not_written(url: str) -> None:
+    w = BatchWriter(db.make_engine(url, writer=True), DatabaseQueue())
+    late = wire_job(msg("LATE"), deadline=time.time() - 1)
+    on_time = wire_job(msg("ONTIME"), job_id=2)
+    write(w, late, on_time)
+    assert late.records[0].outcome == "failed" and "ACK timeout" in late.records[0].failure
+    assert [r["control_id"] for r in store_rows(url)] == ["ONTIME"]
+
+
+def test_ack_correction(url: str) -> None:
+    w = BatchWriter(db.make_engine(url, writer=True), DatabaseQueue())
+    j = wire_job(msg("CORR"))
+    write(w, j)
+    fix = WireJob(9, time.time() + 30, True, [], [(j.records[0].uid, "AE", b"AE-ACK", "ACK timeout: ...")])
+    write(w, fix)
+    row = store_rows(url)[0]
+    assert (row["ack_code"], bytes(row["ack"]), row["error"]) == ("AE", b"AE-ACK", "ACK timeout: ...")
+    assert row["status"] == "queued", "the message stays queued: it is durable"
+
+
+def test_patient_partition_is_stable(url: str) -> None:
+    w = BatchWriter(db.make_engine(url, writer=True), DatabaseQueue(), partitions=8)
+    jobs = [wire_job(msg(f"PP{i}", patient=str(i % 3)), job_id=i) for i in range(30)]
+    write(w, *jobs)
+    by_patient: dict[str, set[int]] = {}
+    for j in jobs:
+        r = j.records[0]
+        by_patient.setdefault(r.raw.split(b"PID|1||")[1].split(b"^")[0].decode(), set()).add(r.partition)
+    assert all(len(p) == 1 for p in by_patient.values()), "one patient, one partition"
+    assert len({next(iter(p)) for p in by_patient.values()}) > 1 or len(by_patient) == 1
+
+
+def test_store_client_runs_the_writer_process(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    db.upgrade(url)
+
+    async def main() -> list[str]:
+        client = StoreClient(url, Settings(), threads=1)
+        await client.start()
+        done: asyncio.Queue[Job] = asyncio.Queue()
+        for i in range(20):
+            raw = msg(f"SC{i}")
+            item = Item(new_uid(), "w", time.time(), "127.0.0.1:1", raw, read_header(raw, "utf-8"), "queued",
+                        "AA", b"ACK")
+            client.submit(Job([item], done.put_nowait, time.time() + 30))
+        outcomes = [(await asyncio.wait_for(done.get(), 30)).items[0].outcome for _ in range(20)]
+        assert await client.drain(5)
+        await client.close()
+        return outcomes
+
+    assert asyncio.run(main()) == ["accepted"] * 20
+    assert len(store_rows(url)) == 20
