@@ -208,7 +208,7 @@ def test_batch_store_failure_lists_every_message_ae() -> None:
 
 
 def test_empty_batch_claiming_messages_is_refused() -> None:
-    r, sink = make()
+    r, _ = make()
     p = pending()
     r.frame(b"BHS|^~\\&|LIS|UNITLAB|||||||B-0\rBTS|3\r", "127.0.0.1:1", True, p)
     assert p.done and p.data is not None and b"MSA|AR|B-0|" in p.data
