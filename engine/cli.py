@@ -122,16 +122,22 @@ def send(
     from engine.mllp.client import MLLPClient, read_acks, split_messages, to_cr
 
     host, _, port_s = address.rpartition(":")
-    if not host or not port_s.isdigit():
-        _fail(f"expected HOST:PORT, got {address!r}", 2)
+    if not host or not port_s.isdigit() or not 0 < int(port_s) < 65536:
+        _fail(f"expected HOST:PORT with a port from 1 to 65535, got {address!r}", 2)
     ctx: ssl.SSLContext | None = None
     if tls:
-        ctx = ssl.create_default_context(cafile=str(ca) if ca else None)
-        if ca is None:
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-        if cert:
-            ctx.load_cert_chain(str(cert), str(key) if key else None)
+        for option, path in (("--ca", ca), ("--cert", cert), ("--key", key)):
+            if path is not None and not path.is_file():
+                _fail(f"{option}: file {str(path)!r} not found", 2)
+        try:
+            ctx = ssl.create_default_context(cafile=str(ca) if ca else None)
+            if ca is None:
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+            if cert:
+                ctx.load_cert_chain(str(cert), str(key) if key else None)
+        except (ssl.SSLError, OSError) as exc:
+            _fail(f"cannot load the TLS files: {exc}", 2)
     failures = 0
     total = 0
     try:
@@ -191,6 +197,8 @@ def messages(
     if ctx.invoked_subcommand is not None:
         ctx.obj = config
         return
+    from sqlalchemy.exc import OperationalError, ProgrammingError
+
     from engine.store.query import MessageFilter, list_messages
 
     engine = _store_engine(config)
@@ -198,6 +206,8 @@ def messages(
         rows = list_messages(engine, MessageFilter(status, channel, control_id, limit))
     except ValueError as exc:
         _fail(str(exc), 2)
+    except (OperationalError, ProgrammingError):
+        _fail(f"the message store has no tables yet; run `hl7engine db upgrade --config {config}` or start the engine")
     finally:
         engine.dispose()
     if as_json:
@@ -226,9 +236,14 @@ def messages_show(
     from engine.store.query import get_message, summary
 
     cfg = config or (ctx.obj if isinstance(ctx.obj, Path) else Path(".").resolve())
+    from sqlalchemy.exc import OperationalError, ProgrammingError
+
     engine = _store_engine(cfg)
     try:
         row = get_message(engine, message_id)
+    except (OperationalError, ProgrammingError):
+        _fail(f"the message store has no tables yet; run `hl7engine db upgrade --config {cfg}` or start the engine")
+        return
     finally:
         engine.dispose()
     if row is None:
@@ -247,7 +262,7 @@ def messages_show(
         return
     for k, v in info.items():
         if v is not None:
-            typer.echo(f"{k + ':':<20}{v}")
+            typer.echo(f"{k + ':':<22}{v}")
     typer.echo("\n--- message ---")
     typer.echo("\n".join(s for s in raw.replace("\r\n", "\r").replace("\n", "\r").split("\r")))
     if ack:
@@ -270,7 +285,11 @@ def db_current(config: ConfigDir = Path(".")) -> None:
     """Print the database's migration revision."""
     from engine.store import db
 
-    typer.echo(db.current_revision(_settings().resolved_database_url(config)) or "empty")
+    url = _settings().resolved_database_url(config)
+    if db.is_sqlite(url) and not Path(url.removeprefix("sqlite:///")).exists():
+        typer.echo("no message store yet")
+        return
+    typer.echo(db.current_revision(url) or "empty")
 
 
 def main() -> None:

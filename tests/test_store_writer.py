@@ -162,3 +162,16 @@ def test_store_client_runs_the_writer_process(tmp_path: Path) -> None:
 
     assert asyncio.run(main()) == ["accepted"] * 20
     assert len(store_rows(url)) == 20
+
+
+def test_records_survive_a_queue_failure_of_their_transaction(url: str) -> None:
+    """A refused message's record shares a transaction with messages the broker then fails: the
+    record does not need the queue and is written on its own."""
+    w = BatchWriter(db.make_engine(url, writer=True), BrokenQueue())
+    live = wire_job(msg("LIVE"), job_id=1)
+    note = wire_job(msg("NOTE"), status="error", job_id=2)
+    note.record_only = True
+    write(w, live, note)
+    assert live.records[0].outcome == "failed"
+    assert note.records[0].outcome == "recorded"
+    assert [r["control_id"] for r in store_rows(url)] == ["NOTE"]

@@ -46,7 +46,9 @@ def position(root: Any, loc: tuple[int | str, ...]) -> tuple[int, int]:
             kl, kc = node.lc.key(key)
             vl, vc = node.lc.value(key)
             child = node[key]
-            line, col = (vl + 1, vc + 1) if not isinstance(child, (CommentedMap, CommentedSeq)) else (kl + 1, kc + 1)
+            # an empty value has no position of its own (ruamel gives the next token's): use the key's
+            scalar = child is not None and not isinstance(child, (CommentedMap, CommentedSeq))
+            line, col = (vl + 1, vc + 1) if scalar else (kl + 1, kc + 1)
             node = child
         elif isinstance(node, CommentedSeq) and isinstance(key, int) and 0 <= key < len(node):
             il, ic = node.lc.item(key)
@@ -126,6 +128,10 @@ def _words(err: dict[str, Any], model: type[BaseModel]) -> str:
         return f"unknown key; expected one of {allowed}" if allowed else "unknown key"
     if kind == "missing":
         return "required key is missing"
+    if got is None and kind not in ("none_required",):
+        return "needs a value"
+    if kind in ("path_type",):
+        return f"expected a file path, got {got!r}"
     if kind in ("int_parsing", "int_type", "int_from_float"):
         return f"expected a whole number, got {got!r}"
     if kind in ("float_parsing", "float_type"):
@@ -133,7 +139,7 @@ def _words(err: dict[str, Any], model: type[BaseModel]) -> str:
     if kind in ("bool_parsing", "bool_type"):
         return f"expected true or false, got {got!r}"
     if kind in ("string_type",):
-        return f"expected text, got {got!r}"
+        return f"expected text, got {got!r}" + (" (put it in quotes)" if isinstance(got, (int, float)) else "")
     if kind in ("list_type",):
         return f"expected a list, got {got!r}"
     if kind in ("model_type", "dict_type", "model_attributes_type"):

@@ -24,6 +24,8 @@ _SIZE_UNITS = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "kib": 1024, "m
 
 def _duration(value: object) -> object:
     """``30s``, ``5m``, ``1h``, ``250ms`` or a number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration such as 30s, 5m or 1h, got {value!r}")
     if isinstance(value, str):
         m = _DURATION.match(value)
         if not m:
@@ -34,6 +36,8 @@ def _duration(value: object) -> object:
 
 def _size(value: object) -> object:
     """``1MiB``, ``512KiB``, ``2MB`` or a number of bytes."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a size such as 1MiB or 65536, got {value!r}")
     if isinstance(value, str):
         m = _SIZE.match(value)
         if not m:
@@ -87,8 +91,15 @@ class ListenConfig(Strict):
         return v
 
 
+def _version_text(value: object) -> object:
+    """YAML reads an unquoted 2.5 as a number: take it as the version it was meant to be."""
+    if isinstance(value, list):
+        return [str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v for v in value]
+    return value
+
+
 class AcceptConfig(Strict):
-    versions: list[str] = Field(default_factory=lambda: list(HL7_VERSIONS))
+    versions: Annotated[list[str], BeforeValidator(_version_text)] = Field(default_factory=lambda: list(HL7_VERSIONS))
     processing_ids: list[str] = Field(default_factory=lambda: ["P"], description="MSH-11 values accepted")
 
     @field_validator("versions")

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,9 +62,21 @@ def load_channels(root: Path) -> tuple[list[LoadedChannel], list[Problem]]:
         if cfg is None:
             continue
         name = cfg.name or path.stem
-        channels.append(LoadedChannel(name, cfg, shown, yaml))
+        channels.append(LoadedChannel(name, _absolute_tls(cfg, root), shown, yaml))
     problems += _cross_check(root, channels)
     return channels, problems
+
+
+def _absolute_tls(cfg: ChannelConfig, root: Path) -> ChannelConfig:
+    """TLS file paths are relative to the configuration directory, wherever the engine is started."""
+    tls = cfg.listen.tls
+    if tls is None:
+        return cfg
+    fixed = {k: (v if v is None or v.is_absolute() else root / v)
+             for k, v in (("cert_file", tls.cert_file), ("key_file", tls.key_file),
+                          ("client_ca_file", tls.client_ca_file))}
+    listen = cfg.listen.model_copy(update={"tls": tls.model_copy(update=fixed)})
+    return cfg.model_copy(update={"listen": listen})
 
 
 def _cross_check(root: Path, channels: list[LoadedChannel]) -> list[Problem]:
@@ -87,20 +100,46 @@ def _cross_check(root: Path, channels: list[LoadedChannel]) -> list[Problem]:
         ports.setdefault(port, []).append((host, ch))
         tls = ch.config.listen.tls
         if tls is not None:
+            missing = False
             for key in ("cert_file", "key_file", "client_ca_file"):
-                value = getattr(tls, key)
-                if value is None:
-                    continue
-                path = value if value.is_absolute() else root / value
-                if not path.is_file():
+                path = getattr(tls, key)
+                if path is not None and not path.is_file():
+                    missing = True
                     line, col = position(ch.yaml, ("listen", "tls", key))
+                    written = path.relative_to(root) if path.is_relative_to(root) else path  # as in the YAML
                     problems.append(Problem(ch.file, line, col, f"listen.tls.{key}",
-                                            f"file {str(value)!r} not found"))
+                                            f"file {str(written)!r} not found"))
+            if not missing:
+                problems += _tls_loads(ch)
     return problems
+
+
+def _tls_loads(ch: LoadedChannel) -> list[Problem]:
+    """The certificate, key and CA files must load, not only exist."""
+    tls = ch.config.listen.tls
+    assert tls is not None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+    except (ssl.SSLError, OSError) as exc:
+        line, col = position(ch.yaml, ("listen", "tls", "cert_file"))
+        return [Problem(ch.file, line, col, "listen.tls.cert_file",
+                        f"cannot load certificate {str(tls.cert_file)!r} with key {str(tls.key_file)!r}: "
+                        f"{exc.reason if isinstance(exc, ssl.SSLError) else exc}")]
+    if tls.client_ca_file is not None:
+        try:
+            ctx.load_verify_locations(str(tls.client_ca_file))
+        except (ssl.SSLError, OSError) as exc:
+            line, col = position(ch.yaml, ("listen", "tls", "client_ca_file"))
+            return [Problem(ch.file, line, col, "listen.tls.client_ca_file",
+                            f"cannot load CA certificates {str(tls.client_ca_file)!r}: {exc}")]
+    return []
 
 
 def load_project(root: Path) -> Project:
     """Load and check everything under ``root``; raise ConfigError with every problem found."""
+    if not root.is_dir():
+        raise ConfigError([Problem(shown_path(root), 0, 0, "", "configuration directory not found")])
     channels, problems = load_channels(root)
     project = Project(root=root, channels=channels)
     if problems:

@@ -44,7 +44,7 @@ POSITIVE = frozenset({"AA", "CA"})
 def version_tuple(version: str) -> tuple[int, ...]:
     out: list[int] = []
     for part in version.strip().split("."):
-        if not part.isdigit():
+        if not (part.isascii() and part.isdigit()):
             break
         out.append(int(part))
     return tuple(out)
@@ -54,7 +54,10 @@ def escape(text: str, d: Delimiters) -> str:
     """Escape delimiter characters in free text we put into a field (MSA-3, ERR-8)."""
     e = d.escape
     out = text.replace(e, f"{e}E{e}")
-    for ch, code in ((d.field, "F"), (d.component, "S"), (d.repetition, "R"), (d.subcomponent, "T")):
+    pairs = [(d.field, "F"), (d.component, "S"), (d.repetition, "R"), (d.subcomponent, "T")]
+    if len(d.encoding) > 4:  # the 2.7 truncation character
+        pairs.append((d.encoding[4], "P"))
+    for ch, code in pairs:
         out = out.replace(ch, f"{e}{code}{e}")
     return out.replace("\r", " ").replace("\n", " ")
 
@@ -134,7 +137,8 @@ class AckBuilder:
                *f[11:13], f[18] if n > 18 else "")
         parts = self._templates.get(key)
         if parts is None:
-            text = self.build_text(header, code)  # MSH|...|<ts>||<type>|<id>|...\rMSA|AA|<ctrl>\r
+            # MSH|...|<ts>||<type>|<id>|...\rMSA|AA|<ctrl>\r, without spending a control ID or a clock call
+            text = self.build_text(header, code, timestamp="", control_id="")
             fs = header.delimiters.field
             msh, _ = text.split("\r", 1)
             cut = msh.split(fs)
@@ -155,6 +159,8 @@ class AckBuilder:
         errors: Sequence[HL7Error] = (),
         *,
         text: str = "",
+        timestamp: str | None = None,
+        control_id: str | None = None,
     ) -> str:
         if header is None or header.salvaged:
             d = Delimiters()
@@ -176,7 +182,8 @@ class AckBuilder:
             (fields[6] if n > 6 else "") or self.facility,
             fields[3] if n > 3 else "",
             fields[4] if n > 4 else "",
-            self.clock(), "", msg_type, self.control_ids(),
+            self.clock() if timestamp is None else timestamp, "", msg_type,
+            self.control_ids() if control_id is None else control_id,
             (fields[11] if n > 11 else "") or "P",
             version,
         ]

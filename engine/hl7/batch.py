@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from engine.errors import HL7Error
 from engine.hl7.ack import escape
+from engine.hl7.charsets import decode
 from engine.hl7.header import Delimiters, message_start, read_delimiters
 
 
@@ -66,7 +67,7 @@ def _segments(raw: bytes) -> list[tuple[int, int]]:
 
 def _envelope(seg: bytes, codec: str) -> Envelope:
     d = read_delimiters(seg)
-    values = seg.decode(codec, "replace").split(d.field)
+    values = decode(seg, codec).split(d.field)
     return Envelope(d, [values[0], d.field, *values[1:]])
 
 
@@ -91,7 +92,7 @@ def split_batch(raw: bytes, codec: str) -> Batch:
                 count = raw[start:end].decode("latin-1").split(d.field)[1:2]
                 text = count[0].strip() if count else ""
                 if text:
-                    if not text.isdigit():
+                    if not (text.isascii() and text.isdigit()):
                         raise HL7Error("102", "BAD_BATCH", f"BTS-1 batch message count {text!r} is not a number",
                                        "BTS^1^1")
                     batch.declared_count = int(text)

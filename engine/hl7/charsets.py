@@ -57,8 +57,6 @@ _TABLE_0211 = {
     "BIG-5": "big5",
     "UNICODE": "utf-8",
     "UNICODE UTF-8": "utf-8",
-    "UNICODE UTF-16": "utf-16",
-    "UNICODE UTF-32": "utf-32",
 }
 _ISO2022 = {"ISO IR87", "ISO IR159"}
 
@@ -84,13 +82,42 @@ def codec_for_charset(value: str) -> str | None:
         if rep in _TABLE_0211:
             return _TABLE_0211[rep]
         try:  # UTF-8, ISO-8859-5, WINDOWS-1251, KOI8-R ... spelled as Python knows them
-            return codecs.lookup(rep.replace(" ", "-")).name
+            name = codecs.lookup(rep.replace(" ", "-")).name
         except LookupError:
             return None
+        return name if ascii_compatible(name) else None
     return None
 
 
 @lru_cache(maxsize=64)
+def ascii_compatible(name: str) -> bool:
+    """A text encoding in which MSH, delimiters and CR are the ASCII bytes MLLP needs (not UTF-16,
+    not base64 or hex, which Python also calls codecs)."""
+    try:
+        info = codecs.lookup(name)
+        if not getattr(info, "_is_text_encoding", True):
+            return False
+        bytes(range(256)).decode(name, "replace")  # decodes anything (idna and punycode do not)
+        return "MSH|^~\\&\r0123456789".encode(name) == b"MSH|^~\\&\r0123456789"
+    except (LookupError, UnicodeError, TypeError, ValueError):
+        return False
+
+
+def decode(data: bytes, codec: str) -> str:
+    """Decode keeping undecodable bytes (``surrogateescape``) so they can be echoed back unchanged;
+    where a stateful codec cannot do that (ISO 2022 with a byte below 0x80 it does not expect), fall
+    back to replacement characters rather than fail."""
+    try:
+        return data.decode(codec, "surrogateescape")
+    except UnicodeError:
+        return data.decode(codec, "replace")
+
+
+@lru_cache(maxsize=64)
 def python_codec(name: str) -> str:
-    """Validate a codec name given in configuration (e.g. ``windows-1251``); raise LookupError."""
-    return codecs.lookup(name).name
+    """Validate a codec name given in configuration (e.g. ``windows-1251``); raise LookupError for
+    unknown names and for encodings HL7 over MLLP cannot carry (UTF-16, base64 ...)."""
+    found = codecs.lookup(name).name
+    if not ascii_compatible(found):
+        raise LookupError(name)
+    return found

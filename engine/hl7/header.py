@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine.errors import HL7Error
-from engine.hl7.charsets import codec_for_charset
+from engine.hl7.charsets import codec_for_charset, decode
 
 BOM = b"\xef\xbb\xbf"
 _WS = b" \t\r\n\x00"
@@ -114,8 +114,10 @@ _DELIMITERS: dict[bytes, Delimiters] = {}
 def read_delimiters(seg: bytes) -> Delimiters:
     """Delimiters from the first four bytes of an MSH/FHS/BHS segment and its second field.
 
-    Raises HL7Error (table 0357 code 102) when they are unusable: fewer than four encoding
-    characters, a repeated character, or letters, digits and spaces used as delimiters.
+    Raises HL7Error (table 0357 code 102) when they are unusable: a field separator that is not an
+    ASCII punctuation character, fewer than four encoding characters, a repeated character, or
+    digits, spaces, control or non-ASCII characters among them. (Letters are allowed as encoding
+    characters: some senders use them, e.g. ``MSH!$r?@``.)
     """
     if len(seg) < 4:
         raise HL7Error("100", "NOT_HL7", f"{seg[:3].decode('ascii', 'replace')} segment has no field separator",
@@ -128,14 +130,18 @@ def read_delimiters(seg: bytes) -> Delimiters:
         return known
     fs_s = fs.decode("latin-1")
     enc = enc_b.decode("latin-1")
+    if not (fs_s.isascii() and fs_s.isprintable() and not fs_s.isalnum() and not fs_s.isspace()):
+        raise HL7Error("102", "BAD_DELIMITERS", f"MSH-1 field separator {fs_s!r} must be an ASCII punctuation "
+                                                "character such as |", "MSH^1^1")
     if len(enc) < 4:
         raise HL7Error("102", "BAD_DELIMITERS",
                        f"MSH-2 must hold four encoding characters, got {len(enc)}", "MSH^1^2")
     chars = fs_s + enc[:4]
-    if len(set(chars)) != 5 or any(c.isspace() or c.isdigit() or ord(c) < 32 for c in chars):
+    if len(set(chars)) != 5 or any(not c.isascii() or not c.isprintable() or c.isspace() or c.isdigit()
+                                   for c in enc):
         raise HL7Error("102", "BAD_DELIMITERS",
                        "MSH-1 and MSH-2 must be five distinct delimiter characters "
-                       "(not digits, spaces or control characters)", "MSH^1^2")
+                       "(ASCII, not digits or spaces)", "MSH^1^2")
     found = Delimiters(fs_s, enc[0], enc[1], enc[2], enc[3], enc)
     if len(_DELIMITERS) < 64:
         _DELIMITERS[fs + enc_b] = found
@@ -155,7 +161,7 @@ def read_header(raw: bytes, default_codec: str) -> Header:
     seg = raw[start:end]
     delims = read_delimiters(seg)
     # surrogateescape: bytes the charset cannot decode survive, so echoed fields go back unchanged
-    values = seg.decode(default_codec, "surrogateescape").split(delims.field)
+    values = decode(seg, default_codec).split(delims.field)
     codec = default_codec
     known = True
     charset = values[17] if len(values) > 17 else ""
@@ -165,11 +171,11 @@ def read_header(raw: bytes, default_codec: str) -> Header:
             known = False
         elif found != codec:
             codec = found
-            values = seg.decode(codec, "surrogateescape").split(delims.field)
+            values = decode(seg, codec).split(delims.field)
     # MSH-1 is the separator itself: fields[1] = "|", fields[2] = MSH-2, fields[n] = MSH-n.
     fields = ["MSH", delims.field, *values[1:]]
     header = Header(delims, fields, codec, known)
-    if not (header.message_type and header.control_id.strip() and header.processing_id.strip()
+    if not (header.message_type.strip() and header.control_id.strip() and header.processing_id.strip()
             and header.version.strip()):
         header.problems = check_required(header)
     return header
@@ -177,7 +183,7 @@ def read_header(raw: bytes, default_codec: str) -> Header:
 
 def check_required(h: Header) -> list[HL7Error]:
     problems: list[HL7Error] = []
-    if not h.message_type:
+    if not h.message_type.strip():
         problems.append(HL7Error("101", "MISSING_FIELD", "MSH-9 message type is empty", "MSH^1^9"))
     if not h.control_id.strip():
         problems.append(HL7Error("101", "MISSING_FIELD", "MSH-10 message control ID is empty", "MSH^1^10"))
@@ -195,9 +201,9 @@ def salvage_header(raw: bytes, default_codec: str) -> Header | None:
     seg = raw[start:end]
     if not seg.startswith(b"MSH") or len(seg) < 4:
         return None
-    text = seg.decode(default_codec, "surrogateescape")
+    text = decode(seg, default_codec)
     fs = text[3]
-    if fs.isdigit() or fs.isspace():
+    if not fs.isascii() or fs.isalnum() or fs.isspace():
         return None
     values = text.split(fs)
     return Header(Delimiters(), ["MSH", "|", "^~\\&", *values[2:]], default_codec, False, salvaged=True)

@@ -112,8 +112,22 @@ class BatchWriter:
     def write(self, jobs: list[WireJob]) -> tuple[int, float, str]:
         """Write ``jobs`` in one transaction; fills every record's outcome.
 
+        If the queue hand-off fails, the jobs that only record something (refusals, failures, ACK
+        corrections) do not need the queue: they are written again in a transaction of their own.
         Returns (messages written, seconds, failed service or "").
         """
+        count, seconds, failed = self._write(jobs)
+        notes = [j for j in jobs if j.record_only]
+        if failed and failed != "store" and notes and len(notes) < len(jobs):
+            for j in notes:
+                for r in j.records:
+                    r.outcome = r.failure = r.failure_service = ""
+                    if r.status == "duplicate":
+                        r.status = "queued"
+            self._write(notes)
+        return count, seconds, failed
+
+    def _write(self, jobs: list[WireJob]) -> tuple[int, float, str]:
         now_epoch = time.time()
         now = datetime.fromtimestamp(now_epoch, UTC)
         live: list[WireJob] = []

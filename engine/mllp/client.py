@@ -63,17 +63,20 @@ def read_acks(answer: bytes) -> list[AckSummary]:
     segments = re.split(r"\r\n|\r|\n", text)
     fs = "|"
     current: AckSummary | None = None
+    errored = False
     for seg in segments:
         if seg[:3] in ("MSH", "BHS", "FHS") and len(seg) > 3:
             fs = seg[3]
         elif seg.startswith("MSA") and len(seg) > 3:
             f = seg.split(fs)
             current = AckSummary(f[1] if len(f) > 1 else "", f[2] if len(f) > 2 else "", f[3] if len(f) > 3 else "")
+            errored = False
             out.append(current)
         elif seg.startswith("ERR") and current is not None:
             f = seg.split(fs)
-            if len(f) > 8 and f[8] and not current.text:
-                current.text = f[8]
+            if len(f) > 8 and f[8] and not errored:
+                current.text = f[8]  # ERR-8 (the user message) over MSA-3; the first ERR wins
+                errored = True
     return out
 
 
