@@ -2,6 +2,12 @@
 
 Loopback only, a bounded number of messages. Prints msgs/s and ACK latency percentiles.
 
+Paced mode (``--rate``) spreads the connections' send times evenly over one interval (instead of
+all connections sending at the same instant) and measures each ACK from the moment its message
+was written; a connection that falls behind its schedule sends at once until it catches up. An
+ACK that does not come within ``--ack-timeout`` seconds counts as an error and ends that
+connection's share of the run (so a stuck server cannot hang the benchmark).
+
     python bench/loadgen.py 127.0.0.1:2575 --connections 32 --messages 50000
     python bench/loadgen.py 127.0.0.1:2575 --rate 5000 --messages 50000    # paced (open loop per connection)
 """
@@ -15,6 +21,7 @@ import json
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -68,6 +75,7 @@ class Client(asyncio.Protocol):
     def __init__(self) -> None:
         self.buf = bytearray()
         self.waiter: asyncio.Future[bytes] | None = None
+        self.sent_at = 0.0
         self.transport: asyncio.Transport | None = None
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -95,19 +103,35 @@ class Client(asyncio.Protocol):
     async def request(self, payload: bytes) -> bytes:
         self.waiter = asyncio.get_running_loop().create_future()
         assert self.transport is not None
+        self.sent_at = time.perf_counter()
         self.transport.write(payload)
         return await self.waiter
 
+    def expire(self, now: float, timeout: float) -> None:
+        """Fail the outstanding request if its ACK is overdue (called by the watchdog)."""
+        if self.waiter is not None and not self.waiter.done() and now - self.sent_at > timeout:
+            self.waiter.set_exception(TimeoutError(f"no ACK within {timeout:g}s"))
+
+
+async def _watchdog(clients: list[Client], timeout: float) -> None:
+    """One timer for all connections: no per-message timer on the hot path."""
+    while True:
+        await asyncio.sleep(min(1.0, timeout / 4))
+        now = time.perf_counter()
+        for c in clients:
+            c.expire(now, timeout)
+
 
 async def run_load(host: str, port: int, *, connections: int, messages: int, rate: float = 0.0,
-                   label: str = "", warmup: int = 200, template: str = SAMPLE) -> Result:
+                   label: str = "", warmup: int = 200, template: str = SAMPLE, ack_timeout: float = 30.0,
+                   on_measure: Callable[[], object] | None = None) -> Result:
+    """Connect, warm up, then send ``messages`` messages and collect their ACK latencies.
+
+    ``on_measure`` is called just before the measured phase starts (after the warm-up), e.g. to
+    take a CPU snapshot."""
     if not ipaddress.ip_address(socket.gethostbyname(host)).is_loopback:
         raise SystemExit("the load generator only targets loopback addresses")
     loop = asyncio.get_running_loop()
-    clients: list[Client] = []
-    for _ in range(connections):
-        _, proto = await loop.create_connection(Client, host, port)
-        clients.append(proto)
     counter = iter(range(10**12))
     run_id = f"{time.time_ns() % 10**9:09d}"
 
@@ -116,21 +140,31 @@ async def run_load(host: str, port: int, *, connections: int, messages: int, rat
         text = template.format(cid=f"B{run_id}{n}", pid=f"P{n % 5000}")
         return SB + text.encode() + EB
 
-    # warm-up (not measured)
-    per = max(1, warmup // connections)
-    await asyncio.gather(*(_drive(c, per, payload, [], [0, 0], 0.0) for c in clients))
+    clients: list[Client] = []
+    watchdog = asyncio.ensure_future(_watchdog(clients, ack_timeout))
+    try:
+        for _ in range(connections):
+            _, proto = await loop.create_connection(Client, host, port)
+            clients.append(proto)
+        # warm-up (not measured)
+        per = max(1, warmup // connections)
+        await asyncio.gather(*(_drive(c, per, payload, [], [0, 0], 0.0) for c in clients))
 
-    latencies: list[float] = []
-    stats = [0, 0]  # errors, not AA
-    per_conn = [messages // connections + (1 if i < messages % connections else 0) for i in range(connections)]
-    interval = connections / rate if rate else 0.0
-    t0 = time.perf_counter()
-    await asyncio.gather(*(_drive(c, n, payload, latencies, stats, interval) for c, n in zip(clients, per_conn,
-                                                                                               strict=True)))
-    elapsed = time.perf_counter() - t0
-    for c in clients:
-        if c.transport is not None:
-            c.transport.close()
+        latencies: list[float] = []
+        stats = [0, 0]  # errors, not AA
+        per_conn = [messages // connections + (1 if i < messages % connections else 0) for i in range(connections)]
+        interval = connections / rate if rate else 0.0
+        if on_measure is not None:
+            on_measure()
+        t0 = time.perf_counter()
+        await asyncio.gather(*(_drive(c, n, payload, latencies, stats, interval, interval * i / connections)
+                               for i, (c, n) in enumerate(zip(clients, per_conn, strict=True))))
+        elapsed = time.perf_counter() - t0
+    finally:
+        watchdog.cancel()
+        for c in clients:
+            if c.transport is not None:
+                c.transport.close()
     latencies.sort()
     ms = [x * 1000 for x in latencies]
     return Result(label, connections, len(latencies), round(elapsed, 3), round(len(latencies) / elapsed, 1),
@@ -139,8 +173,8 @@ async def run_load(host: str, port: int, *, connections: int, messages: int, rat
 
 
 async def _drive(client: Client, n: int, payload, latencies: list[float], stats: list[int],  # type: ignore[no-untyped-def]
-                 interval: float) -> None:
-    next_at = time.perf_counter()
+                 interval: float, offset: float = 0.0) -> None:
+    next_at = time.perf_counter() + offset
     for _ in range(n):
         if interval:
             now = time.perf_counter()
@@ -151,8 +185,10 @@ async def _drive(client: Client, n: int, payload, latencies: list[float], stats:
         t = time.perf_counter()
         try:
             ack = await client.request(data)
-        except ConnectionError:
+        except (ConnectionError, TimeoutError):
             stats[0] += 1
+            if client.transport is not None:
+                client.transport.close()
             return
         latencies.append(time.perf_counter() - t)
         if b"MSA|AA|" not in ack and b"MSA|CA|" not in ack:
@@ -166,6 +202,8 @@ def main() -> None:
     ap.add_argument("--messages", type=int, default=50000)
     ap.add_argument("--rate", type=float, default=0.0, help="target msgs/s in total (0 = as fast as ACKs come)")
     ap.add_argument("--label", default="")
+    ap.add_argument("--warmup", type=int, default=200, help="messages sent before measuring (not counted)")
+    ap.add_argument("--ack-timeout", type=float, default=30.0, help="seconds to wait for each ACK")
     ap.add_argument("--file", type=Path, help="send this message instead of the built-in ORU (10 OBX); "
                                               "{cid} and {pid} are replaced")
     ap.add_argument("--json", action="store_true")
@@ -178,7 +216,8 @@ def main() -> None:
     except ImportError:
         runner = asyncio.run
     res = runner(run_load(host, int(port), connections=args.connections, messages=args.messages, rate=args.rate,
-                          label=args.label, template=template))
+                          label=args.label, template=template, warmup=args.warmup,
+                          ack_timeout=args.ack_timeout))
     if args.json:
         print(json.dumps(asdict(res)))
     else:
