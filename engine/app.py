@@ -38,8 +38,8 @@ class Engine:
     async def start(self) -> None:
         url = self.database_url
         await asyncio.to_thread(db.upgrade, url)
-        threads = self.settings.store_writers or (1 if db.is_sqlite(url) else 3)
-        self.store = StoreClient(url, self.settings, threads=threads)
+        writers = 1 if db.is_sqlite(url) else (self.settings.store_writers or 1)
+        self.store = StoreClient(url, self.settings, writers=writers)
         await self.store.start()
         for ch in self.project.channels:
             if not ch.config.enabled:

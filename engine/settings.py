@@ -25,7 +25,8 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     queue_partitions: int = Field(default=8, ge=1, le=1024)
     queue_name: str = "hl7engine.inbound"
-    store_writers: int = Field(default=0, ge=0, le=32, description="0: 1 for SQLite, 3 for a server")
+    store_writers: int = Field(default=0, ge=0, le=32, description="store writer processes for a database "
+                               "server (0: 1); SQLite always has one")
     loop: Literal["auto", "asyncio", "uvloop"] = "auto"
 
     def resolved_data_dir(self, config_dir: Path) -> Path:

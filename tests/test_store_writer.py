@@ -4,14 +4,20 @@ with the queue, expired jobs, ACK corrections; and the writer process driven by 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import socket
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import Connection
 
 from engine.errors import UnavailableError
 from engine.hl7.header import read_header
+from engine.intake import writerproc
 from engine.intake.item import Item, Record, new_uid
 from engine.intake.store_client import StoreClient
 from engine.intake.writer import BatchWriter, Job, WireJob
@@ -92,9 +98,22 @@ def test_refused_messages_are_recorded_not_queued(url: str) -> None:
 
 
 class BrokenQueue:
-    name = "broken"
+    """A broker that never confirms: the hand-off fails when it is finished."""
 
-    def enqueue(self, conn: Connection, records: list[Record], deadline: float) -> None:
+    name = "broken"
+    depth = 1
+    wakeup_fd = None
+
+    def drain_wakeups(self) -> None:
+        return None
+
+    def start(self, records: list[Record], deadline: float) -> object:
+        return None
+
+    def ready(self, handle: object) -> bool:
+        return True
+
+    def finish(self, conn: Connection, started: object, records: list[Record], deadline: float) -> None:
         raise UnavailableError("broker", "no publisher confirm within 3.0s")
 
     def close(self) -> None:
@@ -147,7 +166,7 @@ def test_store_client_runs_the_writer_process(tmp_path: Path) -> None:
     db.upgrade(url)
 
     async def main() -> list[str]:
-        client = StoreClient(url, Settings(), threads=1)
+        client = StoreClient(url, Settings(), writers=1)
         await client.start()
         done: asyncio.Queue[Job] = asyncio.Queue()
         for i in range(20):
@@ -175,3 +194,82 @@ def test_records_survive_a_queue_failure_of_their_transaction(url: str) -> None:
     assert live.records[0].outcome == "failed"
     assert note.records[0].outcome == "recorded"
     assert [r["control_id"] for r in store_rows(url)] == ["NOTE"]
+
+
+class SlowQueue:
+    """A broker whose confirms take ``delay`` seconds, with a wake-up descriptor like RabbitQueue's."""
+
+    name = "slow"
+    depth = 3
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._r, False)
+        self.open = 0
+        self.max_open = 0
+        self.finished: list[list[str]] = []
+
+    @property
+    def wakeup_fd(self) -> int:
+        return self._r
+
+    def drain_wakeups(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.read(self._r, 4096)
+
+    def start(self, records: list[Record], deadline: float) -> object:
+        self.open += 1
+        self.max_open = max(self.max_open, self.open)
+        threading.Timer(self.delay, os.write, (self._w, b"!")).start()
+        return time.monotonic() + self.delay
+
+    def ready(self, handle: object) -> bool:
+        assert isinstance(handle, float)
+        return time.monotonic() >= handle
+
+    def finish(self, conn: Connection, started: object, records: list[Record], deadline: float) -> None:
+        assert isinstance(started, float)
+        time.sleep(max(0.0, started - time.monotonic()))
+        self.open -= 1
+        self.finished.append([r.control_id for r in records])
+
+    def close(self) -> None:
+        os.close(self._r)
+        os.close(self._w)
+
+
+def test_writer_process_pipelines_transactions_in_order(url: str) -> None:
+    """While one transaction waits for its confirms the next is begun (on a server database);
+    outcomes come back in the order the jobs were sent, and a resend of a message whose
+    transaction is still open waits for it and is answered as a duplicate."""
+    queue = SlowQueue(0.05)
+    w = BatchWriter(db.make_engine(url, pool_size=4, writer=True), queue, partitions=8, depth=3)
+    ours, theirs = socket.socketpair()
+    reports: list[tuple[list[int], str]] = []
+    engine_side = threading.Thread(
+        target=writerproc.run, args=(theirs, w, lambda jobs, st: reports.append(([j.id for j in jobs], st[2])), 1))
+    engine_side.start()
+    raws = [msg(f"P{i}") for i in range(12)] + [msg("P3")]  # the last one resends P3
+    for i, raw in enumerate(raws):
+        ours.sendall(writerproc.encode([_wire(raw, i)]))
+    ours.shutdown(socket.SHUT_WR)
+    engine_side.join(30)
+    assert not engine_side.is_alive()
+    assert [ids for ids, _ in reports] == [[i] for i in range(13)], "reported one by one, in order"
+    assert all(failed == "" for _, failed in reports)
+    rows = {(r["control_id"], r["status"]) for r in store_rows(url)}
+    assert ("P3", "duplicate") in rows and len(store_rows(url)) == 13
+    assert [c for batch in queue.finished for c in batch] == [f"P{i}" for i in range(12)], "a resend is not queued"
+    if url.startswith("postgresql"):
+        assert queue.max_open > 1, "transactions overlapped"
+    else:
+        assert queue.max_open == 1, "SQLite writes one transaction at a time"
+    ours.close()
+    theirs.close()
+
+
+def _wire(raw: bytes, job_id: int) -> tuple[Any, ...]:
+    h = read_header(raw, "utf-8")
+    item = Item(new_uid(), "w", time.time(), "127.0.0.1:1", raw, h, "queued", "AA", b"ACK")
+    return Job([item], lambda j: None, time.time() + 30).wire(job_id)

@@ -104,7 +104,7 @@ class Receiver:
             return
         enhanced = _enhanced(self.rt, header)
         item = self._item(payload, peer, header, "CA" if enhanced else "AA")
-        job = Job([item], partial(self._single_done, pending, enhanced), _wall_deadline(pending))
+        job = Job([item], partial(self._single_done, pending, enhanced), _wall_deadline(pending), key=peer)
         pending.on_timeout = partial(self._single_timeout, job, pending, enhanced)
         self.writer.submit(job)
 
@@ -171,7 +171,7 @@ class Receiver:
             self._record([item])
 
     def _record(self, items: list[Item]) -> None:
-        self.writer.submit(Job(items, _ignore, time.time() + 60, record_only=True))
+        self.writer.submit(Job(items, _ignore, time.time() + 60, record_only=True, key=items[0].peer))
 
     def _single_done(self, pending: Pending, enhanced: bool, job: Job) -> None:
         item = job.items[0]
@@ -180,7 +180,7 @@ class Receiver:
             if job.expired:  # AE went out at the timeout; the store must say so
                 note = ("ACK timeout: the sender was answered AE before the store committed; the message is "
                         "stored and queued, a resend will be answered as a duplicate")
-                self.writer.submit(Job([], _ignore, time.time() + 60, record_only=True,
+                self.writer.submit(Job([], _ignore, time.time() + 60, record_only=True, key=item.peer,
                                        ack_corrections=[(item.uid, item.ack_code, item.ack, note)]))
                 return
             send = not enhanced or enhanced_wants_ack(item.header.accept_ack_type if item.header else "",
@@ -276,7 +276,7 @@ class Receiver:
         if not items:
             self._batch_answer(pending, batch, [], codec, note=note)
             return
-        job = Job(items, partial(self._batch_done, pending, batch, codec, note), _wall_deadline(pending))
+        job = Job(items, partial(self._batch_done, pending, batch, codec, note), _wall_deadline(pending), key=peer)
         pending.on_timeout = partial(self._batch_timeout, job, pending, batch, codec)
         self.writer.submit(job)
 

@@ -1,6 +1,6 @@
 """Group commit: many connections' messages share one transaction (and one fsync).
 
-Runs in the store writer process (``writerproc``). Writer threads take every job waiting (up to
+Runs in the store writer processes (``writerproc``). A writer takes every job waiting (up to
 ``max_batch`` messages) and, in one transaction: find resends (same sending facility + MSH-10 +
 same bytes as an accepted message), insert every row, hand the accepted ones to the queue
 (embedded: queue rows in the same transaction; RabbitMQ: publish and wait for the broker's
@@ -10,8 +10,6 @@ failure fails every job of the transaction: nothing half-done is acknowledged.
 
 from __future__ import annotations
 
-import queue
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,11 +29,26 @@ log = get_logger("engine.store")
 
 
 class Enqueuer(Protocol):
-    """Where accepted messages go, called inside the store transaction, before the commit."""
+    """Where accepted messages go, inside the store transaction, before the commit: ``start`` once
+    the rows are inserted (RabbitMQ publishes), ``finish`` just before the commit (embedded: insert
+    queue rows; RabbitMQ: wait for the confirms). Both raise UnavailableError.
+    ``ready`` says whether ``finish`` would return without waiting; ``depth`` is how many
+    transactions are worth keeping open at once (1 when there is nothing to wait for)."""
 
     name: str
+    depth: int
 
-    def enqueue(self, conn: Connection, records: list[Record], deadline: float) -> None: ...
+    @property
+    def wakeup_fd(self) -> int | None:
+        """A descriptor that becomes readable when a hand-off may have become ready (or None)."""
+
+    def drain_wakeups(self) -> None: ...
+
+    def start(self, records: list[Record], deadline: float) -> object: ...
+
+    def ready(self, handle: object) -> bool: ...
+
+    def finish(self, conn: Connection, started: object, records: list[Record], deadline: float) -> None: ...
 
     def close(self) -> None: ...
 
@@ -48,6 +61,7 @@ class Job:
     done: Callable[[Job], None]
     deadline: float  # epoch seconds by which the ACK must go out
     record_only: bool = False  # a refused or failed message recorded for the operators
+    key: str = ""  # the connection it came from: its jobs are written in order by one writer
     expired: bool = False  # set by the event loop when the ACK timeout answered for it
     # corrections of rows already stored: (uid, ack code, ack bytes, error text)
     ack_corrections: list[tuple[str, str | None, bytes | None, str]] = field(default_factory=list)
@@ -79,55 +93,69 @@ class WireJob:
         return self.id, [r.result() for r in self.records]
 
 
-class BatchWriter:
-    """The store transaction for a group of jobs. Each writer thread keeps its own connection."""
+@dataclass(slots=True, eq=False)
+class Txn:
+    """A store transaction under way: rows inserted, queue hand-off started, not yet committed."""
 
-    def __init__(self, engine: Engine, enqueuer: Enqueuer, partitions: int = 1) -> None:
+    jobs: list[WireJob]
+    records: list[Record]
+    started: float
+    deadline: float = 0.0
+    conn: Connection | None = None
+    trans: Any = None
+    slot: int = -1
+    accepted: list[Record] = field(default_factory=list)
+    handle: object = None
+    keys: set[tuple[str, str, str]] = field(default_factory=set)
+    result: tuple[int, float, str] | None = None  # set when the transaction is over
+
+
+def _key(r: Record) -> tuple[str, str, str]:
+    return (r.sending_facility or "")[:250], (r.control_id or "")[:199], r.sha256
+
+
+class BatchWriter:
+    """Store transactions for groups of jobs.
+
+    ``write`` does one transaction from start to commit. The writer process pipelines them instead:
+    ``begin`` inserts the rows and starts the queue hand-off (RabbitMQ publishes), ``ready`` tells
+    when the hand-off can be finished without waiting (the confirms are in), ``complete`` finishes
+    it and commits. Up to ``depth`` transactions are open at once, each on its own connection, and
+    they are completed in the order they began.
+    """
+
+    def __init__(self, engine: Engine, enqueuer: Enqueuer, partitions: int = 1, depth: int = 1) -> None:
         self.engine = engine
         self.enqueuer = enqueuer
         self.partitions = partitions
+        # SQLite has one writer at a time: a second open transaction would wait for the first
+        self.depth = 1 if engine.dialect.name == "sqlite" else max(1, depth)
         self.t = time_adapter(engine.dialect)
-        self._local = threading.local()
+        self._conns: list[Connection | None] = [None] * self.depth
+        self._free = list(range(self.depth))
+        self._inflight: dict[tuple[str, str, str], int] = {}  # accepted in open transactions
 
     def prepare(self, job: WireJob) -> None:
-        """Build the rows of ``job`` (called as jobs arrive, off the writer threads)."""
+        """Build the rows of ``job`` (as jobs arrive, before the transaction that writes them)."""
         job.prepare(self.t(datetime.now(UTC)), self.t, self.partitions)
 
-    def _connection(self) -> Connection:
-        conn: Connection | None = getattr(self._local, "conn", None)
-        if conn is None or conn.closed or conn.invalidated:
-            conn = self._local.conn = self.engine.connect()
-        return conn
+    @property
+    def open(self) -> int:
+        return self.depth - len(self._free)
 
-    def _drop_connection(self) -> None:
-        conn: Connection | None = getattr(self._local, "conn", None)
-        self._local.conn = None
-        if conn is not None:
-            try:
-                conn.invalidate()
-                conn.close()
-            except Exception:
-                log.debug("closing a failed connection failed")
+    def conflicts(self, jobs: list[WireJob]) -> bool:
+        """Whether ``jobs`` hold a message identical to one in an open transaction (whose rows the
+        resend check cannot see yet): then the open transactions must be completed first."""
+        return bool(self._inflight) and any(_key(r) in self._inflight for j in jobs for r in j.records)
 
     def write(self, jobs: list[WireJob]) -> tuple[int, float, str]:
-        """Write ``jobs`` in one transaction; fills every record's outcome.
+        """Write ``jobs`` in one transaction, start to commit; fills every record's outcome.
+        Returns (messages written, seconds, failed service or "")."""
+        return self.complete(self.begin(jobs))
 
-        If the queue hand-off fails, the jobs that only record something (refusals, failures, ACK
-        corrections) do not need the queue: they are written again in a transaction of their own.
-        Returns (messages written, seconds, failed service or "").
-        """
-        count, seconds, failed = self._write(jobs)
-        notes = [j for j in jobs if j.record_only]
-        if failed and failed != "store" and notes and len(notes) < len(jobs):
-            for j in notes:
-                for r in j.records:
-                    r.outcome = r.failure = r.failure_service = ""
-                    if r.status == "duplicate":
-                        r.status = "queued"
-            self._write(notes)
-        return count, seconds, failed
-
-    def _write(self, jobs: list[WireJob]) -> tuple[int, float, str]:
+    def begin(self, jobs: list[WireJob]) -> Txn:
+        """Open a transaction: resend check, queue hand-off started, rows inserted. Never raises; a
+        transaction that failed (or had nothing to do) comes back with ``result`` set."""
         now_epoch = time.time()
         now = datetime.fromtimestamp(now_epoch, UTC)
         live: list[WireJob] = []
@@ -139,67 +167,150 @@ class BatchWriter:
                     r.outcome, r.failure, r.failure_service = "failed", "ACK timeout reached before the store", "store"
         records = [r for j in live for r in j.records]
         corrections = [c for j in live for c in j.corrections]
+        txn = Txn(jobs, records, time.perf_counter())
         if not records and not corrections:
-            return 0, 0.0, ""
-        started = time.perf_counter()
+            txn.result = (0, 0.0, "")
+            return txn
+        txn.slot = self._free.pop(0)
         try:
-            conn = self._connection()
-            with conn.begin():
-                if corrections:
-                    conn.execute(
-                        update(messages).where(messages.c.uid == bindparam("u"))
-                        .values(ack_code=bindparam("c"), ack=bindparam("a"), error=bindparam("e"), updated_at=now),
-                        [{"u": u, "c": c, "a": a, "e": e} for u, c, a, e in corrections],
-                    )
-                if records:
-                    cursor = conn.connection.cursor()
-                    try:
-                        self._dedupe(cursor, conn.dialect, records)
-                        rows = []
-                        for r in records:
-                            if not r.row or r.status == "duplicate":
-                                r.prepare(self.t(now), self.t, self.partitions)
-                            rows.append(r.row)
-                        insert_rows(cursor, conn.dialect.paramstyle, messages, MESSAGE_COLUMNS, rows)
-                    finally:
-                        cursor.close()
-                    self._link_batch_duplicates(conn, records)
-                    accepted = [r for r in records if r.outcome == "accepted"]
-                    if accepted:
-                        self.enqueuer.enqueue(conn, accepted, min(j.deadline for j in live))
-        except UnavailableError as exc:
-            self._fail(records, exc.detail, exc.service)
-            return len(records), time.perf_counter() - started, exc.service
-        except (DBAPIError, SQLAlchemyError, OSError) as exc:
-            self._drop_connection()
-            self._fail(records, _short(exc), "store")
-            return len(records), time.perf_counter() - started, "store"
-        except Exception as exc:  # never leave a job without an answer
-            log.exception("store write failed unexpectedly")
-            self._drop_connection()
-            self._fail(records, _short(exc), "store")
-            return len(records), time.perf_counter() - started, "store"
-        return len(records), time.perf_counter() - started, ""
+            conn = txn.conn = self._connection(txn.slot)
+            txn.trans = conn.begin()
+            if corrections:
+                conn.execute(
+                    update(messages).where(messages.c.uid == bindparam("u"))
+                    .values(ack_code=bindparam("c"), ack=bindparam("a"), error=bindparam("e"), updated_at=now),
+                    [{"u": u, "c": c, "a": a, "e": e} for u, c, a, e in corrections],
+                )
+            if records:
+                txn.deadline = min(j.deadline for j in live)
+                cursor = conn.connection.cursor()
+                try:
+                    self._dedupe(cursor, conn.dialect, records)
+                    txn.accepted = [r for r in records if r.outcome == "accepted"]
+                    rows = []
+                    for r in records:
+                        if not r.row or r.status == "duplicate":
+                            r.prepare(self.t(now), self.t, self.partitions)
+                        rows.append(r.row)
+                    insert_rows(cursor, conn.dialect.paramstyle, messages, MESSAGE_COLUMNS, rows)
+                    # published only once the rows are in: a failed INSERT leaves nothing in the
+                    # queue (and measured here, publishing earlier slowed the INSERT more than it
+                    # gained, pika's work competing with it for the interpreter)
+                    if txn.accepted:
+                        txn.handle = self.enqueuer.start(txn.accepted, txn.deadline)
+                finally:
+                    cursor.close()
+                self._link_batch_duplicates(conn, records)
+                txn.keys = {_key(r) for r in txn.accepted}
+                for k in txn.keys:
+                    self._inflight[k] = self._inflight.get(k, 0) + 1
+        except Exception as exc:
+            self._abort(txn, exc)
+        return txn
+
+    def ready(self, txn: Txn) -> bool:
+        """Whether ``complete`` can run without waiting (or the deadline has passed)."""
+        if txn.result is not None or not txn.accepted:
+            return True
+        return self.enqueuer.ready(txn.handle) or time.time() >= txn.deadline
+
+    def complete(self, txn: Txn) -> tuple[int, float, str]:
+        """Finish the queue hand-off and commit (or roll back and fail every record).
+
+        If the hand-off fails, jobs that only record something (refusals, failures, ACK corrections)
+        do not need the queue: they are written again in a transaction of their own.
+        """
+        if txn.result is None:
+            try:
+                assert txn.conn is not None
+                if txn.accepted:
+                    self.enqueuer.finish(txn.conn, txn.handle, txn.accepted, txn.deadline)
+                txn.trans.commit()
+                txn.result = (len(txn.records), time.perf_counter() - txn.started, "")
+            except Exception as exc:
+                self._abort(txn, exc)
+            finally:
+                self._release(txn)
+        assert txn.result is not None
+        failed = txn.result[2]
+        notes = [j for j in txn.jobs if j.record_only]
+        if failed and failed != "store" and notes and len(notes) < len(txn.jobs):
+            for j in notes:
+                for r in j.records:
+                    r.outcome = r.failure = r.failure_service = ""
+                    if r.status == "duplicate":
+                        r.status = "queued"
+            self.write(notes)
+        return txn.result
+
+    def _abort(self, txn: Txn, exc: BaseException) -> None:
+        if isinstance(exc, UnavailableError):
+            reason, service = exc.detail, exc.service
+        else:
+            if not isinstance(exc, (DBAPIError, SQLAlchemyError, OSError)):
+                log.exception("store write failed unexpectedly")
+            reason, service = _short(exc), "store"
+        try:
+            if txn.trans is not None and txn.trans.is_active:
+                txn.trans.rollback()
+        except Exception:
+            self._drop(txn.slot)
+        if service == "store":
+            self._drop(txn.slot)
+        self._release(txn)
+        self._fail(txn.records, reason, service)
+        txn.result = (len(txn.records), time.perf_counter() - txn.started, service)
+
+    def _release(self, txn: Txn) -> None:
+        for k in txn.keys:
+            n = self._inflight.get(k, 0) - 1
+            if n > 0:
+                self._inflight[k] = n
+            else:
+                self._inflight.pop(k, None)
+        txn.keys = set()
+        if txn.slot >= 0 and txn.slot not in self._free:
+            self._free.append(txn.slot)
+            self._free.sort()
+
+    def _connection(self, slot: int) -> Connection:
+        conn = self._conns[slot]
+        if conn is None or conn.closed or conn.invalidated:
+            conn = self._conns[slot] = self.engine.connect()
+        return conn
+
+    def _drop(self, slot: int) -> None:
+        conn = self._conns[slot] if slot >= 0 else None
+        if conn is not None:
+            self._conns[slot] = None
+            try:
+                conn.invalidate()
+                conn.close()
+            except Exception:
+                log.debug("closing a failed connection failed")
 
     def close(self) -> None:
-        """Close this thread's connection (each writer thread calls it as it ends)."""
-        conn: Connection | None = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
+        for i, conn in enumerate(self._conns):
+            if conn is not None:
+                conn.close()
+                self._conns[i] = None
 
     @staticmethod
     def _dedupe(cursor: Any, dialect: Dialect, records: list[Record]) -> None:
         """A message is a resend when an accepted one has the same MSH-4, MSH-10 and bytes."""
         ids = {r.control_id[:199] for r in records if r.status == "queued" and r.control_id}
         known: dict[tuple[str, str, str], int] = {}
-        if ids:
+        if ids and dialect.name == "postgresql":  # one statement whatever the count: prepared once
+            cursor.execute("SELECT id, sending_facility, control_id, sha256 FROM messages "
+                           "WHERE control_id = ANY(%s) AND accepted ORDER BY id", (list(ids),))
+        elif ids:
             cursor.execute(
                 "SELECT id, sending_facility, control_id, sha256 FROM messages "
                 f"WHERE control_id IN ({in_list(dialect.paramstyle, len(ids))}) AND accepted = "
                 + ("1" if dialect.name == "sqlite" else "true") + " ORDER BY id",
                 tuple(ids),
             )
+        if ids:
             for row_id, facility, control, sha in cursor.fetchall():
                 known.setdefault((facility or "", control, sha), row_id)
         in_batch: dict[tuple[str, str, str], Record] = {}
@@ -207,7 +318,7 @@ class BatchWriter:
             if r.status != "queued":
                 r.outcome = "recorded"
                 continue
-            key = ((r.sending_facility or "")[:250], (r.control_id or "")[:199], r.sha256)
+            key = _key(r)
             if key in known:
                 r.status, r.outcome, r.duplicate_of = "duplicate", "duplicate", known[key]
             elif key in in_batch:
@@ -238,61 +349,6 @@ class BatchWriter:
             r.duplicate_of = None
             if r.status == "duplicate":
                 r.status = "queued"
-
-
-class WriterThreads:
-    """Threads taking jobs in groups and reporting each group when its transaction is over."""
-
-    def __init__(self, writer: BatchWriter, report: Callable[[list[WireJob], tuple[int, float, str]], None], *,
-                 threads: int = 1, max_batch: int = 256) -> None:
-        self.writer = writer
-        self.report = report
-        self.max_batch = max_batch
-        self._jobs: queue.SimpleQueue[WireJob | None] = queue.SimpleQueue()
-        self._threads = [threading.Thread(target=self._run, name=f"store-writer-{i}", daemon=True)
-                         for i in range(threads)]
-        for t in self._threads:
-            t.start()
-
-    def submit(self, job: WireJob) -> None:
-        self._jobs.put(job)
-
-    def close(self, timeout: float = 60) -> None:
-        """Finish every job already submitted, then stop."""
-        for _ in self._threads:
-            self._jobs.put(None)
-        for t in self._threads:
-            t.join(timeout=timeout)
-
-    def _run(self) -> None:
-        try:
-            self._loop()
-        finally:
-            self.writer.close()
-
-    def _loop(self) -> None:
-        stop = False
-        while not stop:
-            first = self._jobs.get()
-            if first is None:
-                return
-            jobs = [first]
-            n = len(first.records)
-            while n < self.max_batch:
-                try:
-                    nxt = self._jobs.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stop = True
-                    break
-                jobs.append(nxt)
-                n += len(nxt.records)
-            stats = self.writer.write(jobs)
-            try:
-                self.report(jobs, stats)
-            except Exception:
-                log.exception("reporting store results failed")
 
 
 def _short(exc: BaseException) -> str:

@@ -20,11 +20,12 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from engine.intake.writer import BatchWriter, WireJob, WriterThreads
+from engine.intake.writer import BatchWriter, Txn, WireJob
 from engine.observe import configure_logging, get_logger, tune_gc
 from engine.queue.factory import make_enqueuer
 from engine.settings import Settings
@@ -62,8 +63,8 @@ def decode_frames(buf: bytearray) -> list[Any]:
 def serve(sock: socket.socket, config: dict[str, Any]) -> None:
     settings = Settings(**config["settings"])
     configure_logging(settings.log_level, settings.log_format)
-    engine = make_engine(config["database_url"], pool_size=config["threads"] + 1, writer=True)
     enqueuer = make_enqueuer(settings)
+    engine = make_engine(config["database_url"], pool_size=enqueuer.depth + 1, writer=True)
     lock = threading.Lock()
 
     def send(obj: Any) -> None:
@@ -74,15 +75,11 @@ def serve(sock: socket.socket, config: dict[str, Any]) -> None:
     def report(jobs: list[WireJob], stats: tuple[int, float, str]) -> None:
         send(("results", [j.result() for j in jobs], stats))
 
-    writer = BatchWriter(engine, enqueuer, settings.queue_partitions)
+    writer = BatchWriter(engine, enqueuer, settings.queue_partitions, depth=enqueuer.depth)
     tune_gc()
     try:
-        if config["threads"] <= 1:
-            send(("ready", {"pid": os.getpid(), "queue": enqueuer.name}))
-            single_threaded(sock, writer, report, config.get("max_batch", 256))
-        else:
-            threaded(sock, writer, report, config["threads"], config.get("max_batch", 256),
-                     lambda: send(("ready", {"pid": os.getpid(), "queue": enqueuer.name})))
+        send(("ready", {"pid": os.getpid(), "queue": enqueuer.name}))
+        run(sock, writer, report, config.get("max_batch", 256))
     except OSError as exc:
         log.warning("store writer lost the engine", error=str(exc))
     finally:
@@ -90,79 +87,88 @@ def serve(sock: socket.socket, config: dict[str, Any]) -> None:
         engine.dispose()
 
 
-def single_threaded(sock: socket.socket, writer: BatchWriter,
-                    report: Callable[[list[WireJob], tuple[int, float, str]], None], max_batch: int) -> None:
-    """One thread reads jobs, groups them and writes them: no lock shared with another thread.
+def run(sock: socket.socket, writer: BatchWriter,
+        report: Callable[[list[WireJob], tuple[int, float, str]], None], max_batch: int) -> None:
+    """One thread reads jobs, groups them and writes them, first in, first out.
 
     Group commit without waiting: a transaction takes every job that arrived while the previous
-    one was committing. (Waiting for more was measured: it lowers throughput whenever the CPU is
-    not saturated, and a lone sequential sender would pay for it on every message.)
+    one was busy. (Waiting for more was measured: it lowers throughput whenever the CPU is not
+    saturated, and a lone sequential sender would pay for it on every message.)
+
+    Transactions are pipelined up to ``writer.depth``: while the broker confirms one transaction's
+    messages, the next is begun on another connection. They are completed, and reported, in the
+    order they began, so a connection's ACKs keep their order.
     """
     buf = bytearray()
     waiting: deque[WireJob] = deque()
+    inflight: deque[Txn] = deque()
     open_ = True
 
-    def read(block: bool) -> bool:
-        """Read what is available (when ``block``, wait until something comes). False at EOF."""
-        if not block:
-            ready, _, _ = select.select([sock], [], [], 0)
-            if not ready:
-                return True
-        data = sock.recv(1 << 20)
-        if not data:
-            return False
-        buf.extend(data)
-        while True:  # drain whatever else is already there
-            ready, _, _ = select.select([sock], [], [], 0)
-            if not ready:
+    def read() -> bool:
+        """Read what is available now (jobs before an EOF included). False at EOF."""
+        eof = False
+        while True:
+            data = sock.recv(1 << 20)
+            if not data:
+                eof = True
                 break
-            more = sock.recv(1 << 20)
-            if not more:
+            buf.extend(data)
+            if not select.select([sock], [], [], 0)[0]:
                 break
-            buf.extend(more)
         for frame in decode_frames(buf):
             for wire in frame:
                 job = WireJob.from_wire(wire)
                 writer.prepare(job)
                 waiting.append(job)
-        return True
+        return not eof
 
-    while open_ or waiting:
-        if not waiting:
-            open_ = read(True)
-            continue
-        if open_:
-            open_ = read(False)
+    def take() -> list[WireJob]:
         jobs: list[WireJob] = []
         n = 0
         while waiting and n < max_batch:
             job = waiting.popleft()
             jobs.append(job)
-            n += len(job.records)
-        report(jobs, writer.write(jobs))
+            n += len(job.records) or 1
+        return jobs
+
+    def complete_head() -> None:
+        txn = inflight.popleft()
+        report(txn.jobs, writer.complete(txn))
+
+    while open_ or waiting or inflight:
+        # finish what can be finished without waiting, oldest first
+        while inflight and writer.ready(inflight[0]):
+            complete_head()
+        if waiting and writer.open < writer.depth:
+            if open_ and select.select([sock], [], [], 0)[0]:  # group what else has arrived
+                open_ = read()
+            jobs = take()
+            if writer.conflicts(jobs):  # a resend of a message not committed yet: let it commit first
+                while inflight:
+                    complete_head()
+            txn = writer.begin(jobs)
+            if txn.result is not None and not inflight:
+                report(txn.jobs, writer.complete(txn))
+            else:
+                inflight.append(txn)
+            continue
+        if not open_:
+            if inflight:  # nothing more will come: wait for the oldest
+                complete_head()
+            continue
+        # wait for a job, a confirm, or the oldest transaction's deadline (every open transaction
+        # that is not ready has accepted messages, hence a deadline)
+        timeout = max(0.0, inflight[0].deadline - time.time()) if inflight else None
+        wake = writer.enqueuer.wakeup_fd
+        watch: list[Any] = [sock] if wake is None else [sock, wake]
+        readable, _, _ = select.select(watch, [], [], timeout)
+        if wake is not None and wake in readable:
+            writer.enqueuer.drain_wakeups()
+        if sock in readable:
+            open_ = read()
+        if not readable and inflight:
+            complete_head()  # the deadline has passed: it fails now
     writer.close()
-
-
-def threaded(sock: socket.socket, writer: BatchWriter,
-             report: Callable[[list[WireJob], tuple[int, float, str]], None], threads: int, max_batch: int,
-             ready: Callable[[], None]) -> None:
-    """Several writer threads (for a database server: network round trips overlap)."""
-    pool = WriterThreads(writer, report, threads=threads, max_batch=max_batch)
-    ready()
-    buf = bytearray()
-    try:
-        while True:
-            data = sock.recv(1 << 20)
-            if not data:
-                break
-            buf += data
-            for frame in decode_frames(buf):
-                for wire in frame:
-                    job = WireJob.from_wire(wire)
-                    writer.prepare(job)
-                    pool.submit(job)
-    finally:
-        pool.close()
 
 
 def read_config(sock: socket.socket) -> dict[str, Any]:

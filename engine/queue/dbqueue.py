@@ -15,10 +15,21 @@ from engine.store.schema import queue_entries
 
 class DatabaseQueue:
     name = "database"
+    depth = 1  # nothing to wait for: each transaction completes at once
+    wakeup_fd = None
+
+    def ready(self, handle: object) -> bool:
+        return True
+
+    def drain_wakeups(self) -> None:
+        return None
 
     COLUMNS = ("message_uid", "partition", "enqueued_at", "available_at", "attempts")
 
-    def enqueue(self, conn: Connection, records: list[Record], deadline: float) -> None:
+    def start(self, records: list[Record], deadline: float) -> object:
+        return None
+
+    def finish(self, conn: Connection, started: object, records: list[Record], deadline: float) -> None:
         rows = []
         for r in records:
             at = r.row[2]  # received_at, already in the driver's form
