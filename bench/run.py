@@ -313,7 +313,7 @@ def engine_process(name: str, workdir: Path, extra_env: dict[str, str]) -> Serve
         encoding="utf-8")
     env = clean_env({"HL7ENGINE_HTTP_PORT": "0", "HL7ENGINE_LOG_LEVEL": "warning", "HL7ENGINE_LOOP": "uvloop",
                      **extra_env})
-    argv = [sys.executable, "-m", "engine.cli", "run", "--config", str(workdir)]
+    argv = [sys.executable, "-m", "engine.cli", "listen", "--config", str(workdir)]  # the receiving path alone
     return ServerProcess(name, argv, env, port, workdir / "engine.log", "engine started",
                          child_marker="engine.intake.writerproc")
 

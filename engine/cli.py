@@ -16,7 +16,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="HL7 v2 inter
 messages_app = typer.Typer(help="Find and inspect stored messages.", invoke_without_command=True)
 db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_help=True)
 app.add_typer(messages_app, name="messages")
+record_app = typer.Typer(help="The central record.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+app.add_typer(record_app, name="record")
 
 ConfigDir = Annotated[
     Path, typer.Option("--config", "-c", help="configuration directory (channels/, mappings/, routes.yaml)",
@@ -55,37 +57,122 @@ def _load(config: Path) -> Any:
 
 @app.command()
 def run(config: ConfigDir = Path(".")) -> None:
-    """Start every channel in DIR/channels/*.yaml and hand messages to the queue."""
-    _serve(config)
+    """Everything on one machine: the listeners, HL7ENGINE_WORKERS worker processes (default 1) and
+    the HTTP API (FHIR R4 read API, /metrics, /healthz) on HL7ENGINE_HTTP_PORT."""
+    settings = _settings()
+    _serve(config, settings, workers=settings.workers, api=True)
 
 
 @app.command()
 def listen(config: ConfigDir = Path(".")) -> None:
-    """Run only the listeners (for scaling out: many listeners, many workers)."""
-    _serve(config)
+    """Run only the listeners (for scaling out: many listeners, many workers); /metrics on
+    HL7ENGINE_HTTP_PORT."""
+    _serve(config, _settings(), workers=0, api=False)
 
 
-def _serve(config: Path) -> None:
+def _serve(config: Path, settings: Any, *, workers: int, api: bool) -> None:
     from engine import app as engine_app
 
-    settings = _settings()
     _setup_logging(settings)
     project = _load(config)
     if not any(c.config.enabled for c in project.channels):
         _fail(f"no enabled channel in {config / 'channels'}; add one (see docs/channels.md)")
     if settings.http_port:
-        from prometheus_client import start_http_server
+        if api:
+            _start_api_thread(settings.resolved_database_url(config), settings.http_port)
+        else:
+            from prometheus_client import start_http_server
 
-        try:
-            start_http_server(settings.http_port)
-        except OSError as exc:
-            _fail(f"cannot serve metrics on port {settings.http_port}: {exc} (set HL7ENGINE_HTTP_PORT)")
+            try:
+                start_http_server(settings.http_port)
+            except OSError as exc:
+                _fail(f"cannot serve metrics on port {settings.http_port}: {exc} (set HL7ENGINE_HTTP_PORT)")
+    procs: list[Any] = []
+    if workers:
+        from engine.store import db
+        from engine.worker.main import start_workers
+
+        db.upgrade(settings.resolved_database_url(config))  # before the workers read it
+        procs = start_workers(config, settings, workers)
     try:
         engine_app.run(engine_app.serve(project, settings), settings.loop)
     except OSError as exc:
         _fail(f"cannot start: {exc}")
     except EngineError as exc:
         _fail(f"cannot start: {exc}")
+    finally:
+        if procs:
+            from engine.worker.main import stop_workers
+
+            stop_workers(procs)
+
+
+def _start_api_thread(database_url: str, port: int) -> None:
+    """The HTTP API in a thread of the listener process (light read traffic)."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    from engine.admin.http import create_app
+
+    try:  # fail now, with a clear message, rather than in the thread
+        with socket.create_server(("0.0.0.0", port), reuse_port=False):
+            pass
+    except OSError as exc:
+        _fail(f"cannot serve HTTP on port {port}: {exc} (set HL7ENGINE_HTTP_PORT)")
+    server = uvicorn.Server(uvicorn.Config(create_app(database_url), host="0.0.0.0", port=port,
+                                           log_level="warning", access_log=False, loop="asyncio"))
+    threading.Thread(target=server.run, name="http-api", daemon=True).start()  # signals stay with the listener
+
+
+@app.command()
+def work(
+    config: ConfigDir = Path("."),
+    workers: Annotated[int, typer.Option("--workers", "-w", min=1, max=64,
+                                         help="worker processes on this host")] = 2,
+) -> None:
+    """Consume the queue: route, map and write the central record (scale out: run on many hosts)."""
+    from engine.worker.main import serve_workers
+
+    settings = _settings()
+    _setup_logging(settings)
+    _load(config)
+    try:
+        serve_workers(config, settings, workers)
+    except EngineError as exc:
+        _fail(f"cannot start workers: {exc}")
+
+
+@app.command()
+def api(config: ConfigDir = Path(".")) -> None:
+    """Serve the HTTP API alone: FHIR R4 read API under /fhir, /metrics, /healthz (HL7ENGINE_HTTP_PORT)."""
+    import uvicorn
+
+    from engine.admin.http import create_app
+    from engine.store import db
+
+    settings = _settings()
+    _setup_logging(settings)
+    url = settings.resolved_database_url(config)
+    db.upgrade(url)
+    uvicorn.run(create_app(url), host="0.0.0.0", port=settings.http_port or 8080, log_level="warning",
+                access_log=False)
+
+
+@app.command("test")
+def test_mappings(
+    paths: Annotated[list[Path] | None,
+                     typer.Argument(help="fixture tests or folders (default: mappings/tests)")] = None,
+    config: ConfigDir = Path("."),
+) -> None:
+    """Run the mappings' fixture tests (a message in, the expected facts out); exit 1 on any failure."""
+    from engine.mapping.testing import format_results, run_tests
+
+    results = run_tests(config, [p.resolve() for p in paths] if paths else None)
+    typer.echo(format_results(results))
+    if not results or any(not r.passed for r in results):
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -102,7 +189,9 @@ def check(config: ConfigDir = Path(".")) -> None:
         raise typer.Exit(1) from None
     enabled = sum(1 for c in project.channels if c.config.enabled)
     ports = ", ".join(f"{c.name}:{c.config.listen.port}" for c in project.channels if c.config.enabled)
-    typer.echo(f"ok: {len(project.channels)} channel(s), {enabled} enabled ({ports or 'none'})")
+    mappings = len(project.mappings.names) if project.mappings is not None else 0
+    typer.echo(f"ok: {len(project.channels)} channel(s), {enabled} enabled ({ports or 'none'}); "
+               f"{len(project.routes.routes)} route(s), default {project.routes.default}; {mappings} mapping(s)")
 
 
 @app.command()
@@ -268,6 +357,55 @@ def messages_show(
     if ack:
         typer.echo("--- ACK sent ---")
         typer.echo("\n".join(s for s in ack.split("\r") if s))
+
+
+@messages_app.command("replay")
+def messages_replay(
+    message_id: Annotated[int, typer.Argument(help="the message's id (hl7engine messages --status error)")],
+    config: ConfigDir = Path("."),
+) -> None:
+    """Queue a failed message again, then the messages of its patient held behind it, in order."""
+    _release(config, message_id, skip=False)
+
+
+@messages_app.command("skip")
+def messages_skip(
+    message_id: Annotated[int, typer.Argument(help="the message's id (hl7engine messages --status error)")],
+    config: ConfigDir = Path("."),
+) -> None:
+    """Leave a failed message failed and release the messages of its patient held behind it."""
+    _release(config, message_id, skip=True)
+
+
+def _release(config: Path, message_id: int, *, skip: bool) -> None:
+    from engine.worker.replay import release
+
+    engine = _store_engine(config)
+    try:
+        done = release(engine, _settings(), message_id, skip=skip)
+    except EngineError as exc:
+        _fail(str(exc))
+    finally:
+        engine.dispose()
+    what = "skipped" if skip else "replayed"
+    typer.echo(f"{what} message {message_id}; {len(done.queued)} message(s) queued again")
+
+
+@record_app.command("export")
+def record_export(
+    identifier: Annotated[str | None, typer.Option("--identifier", "-i",
+                                                   help="a patient identifier: system|value or a bare value")] = None,
+    config: ConfigDir = Path("."),
+) -> None:
+    """Print a FHIR R4 Bundle (JSON) of one patient's record, or of every patient's."""
+    from engine.record.export import export_bundle
+
+    engine = _store_engine(config)
+    with engine.connect() as conn:
+        bundle = export_bundle(conn, identifier)
+    if identifier is not None and not bundle.get("entry"):
+        _fail(f"no patient with identifier {identifier!r}")
+    typer.echo(json.dumps(bundle, ensure_ascii=False, indent=2))
 
 
 @db_app.command("upgrade")

@@ -28,6 +28,8 @@ class Settings(BaseSettings):
     store_writers: int = Field(default=0, ge=0, le=32, description="store writer processes for a database "
                                "server (0: 1); SQLite always has one")
     loop: Literal["auto", "asyncio", "uvloop"] = "auto"
+    workers: int = Field(default=1, ge=0, le=64, description="worker processes started by `hl7engine run` "
+                         "(0: none; `hl7engine work` takes --workers)")
 
     def resolved_data_dir(self, config_dir: Path) -> Path:
         return self.data_dir if self.data_dir is not None else config_dir / "var"

@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -238,7 +239,9 @@ def wait_gone(pids: list[int], timeout: float) -> None:
 
 def engine_env(config_dir: Path, backend: Backend | None, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HL7ENGINE_")}
-    env.update({"HL7ENGINE_HTTP_PORT": "0", "HL7ENGINE_LOG_LEVEL": "info", "PYTHONUNBUFFERED": "1"})
+    # the receiving path's tests look at the queue as the listener left it: no workers unless asked
+    env.update({"HL7ENGINE_HTTP_PORT": "0", "HL7ENGINE_LOG_LEVEL": "info", "PYTHONUNBUFFERED": "1",
+                "HL7ENGINE_WORKERS": "0"})
     if backend is not None:
         env.update(backend.env)
     env.update(extra)
@@ -284,3 +287,25 @@ def engine_factory(tmp_path: Path) -> Iterator[object]:
 
 def store_url(engine: RunningEngine) -> str:
     return engine.env.get("HL7ENGINE_DATABASE_URL") or f"sqlite:///{engine.config_dir / 'var' / 'hl7engine.db'}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A migrated database (message store and central record), on each backend."""
+    from engine.store import db
+
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'record.db'}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    db.upgrade(url)
+    return url
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Any]:
+    from engine.store import db
+
+    eng = db.make_engine(db_url, writer=db.is_sqlite(db_url))
+    yield eng
+    eng.dispose()

@@ -86,11 +86,14 @@ def test_channel_name_defaults_to_the_file_name(cfg: Path) -> None:
     project = load_project(cfg)
     assert [c.name for c in project.channels] == ["radiology"]
     code, lines = check(cfg)
-    assert (code, lines) == (0, ["ok: 1 channel(s), 1 enabled (radiology:2611)"])
+    assert (code, lines) == (0, ["ok: 1 channel(s), 1 enabled (radiology:2611); 0 route(s), default error; "
+                                 "0 mapping(s)"])
 
 
 def test_shipped_example_checks_clean(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     shutil.copytree(ROOT / "channels", tmp_path / "channels")
+    shutil.copytree(ROOT / "mappings", tmp_path / "mappings")
+    shutil.copy(ROOT / "routes.yaml", tmp_path / "routes.yaml")
     monkeypatch.chdir(tmp_path)
     project = load_project(tmp_path)
     lab = project.channel("lab")
@@ -98,14 +101,15 @@ def test_shipped_example_checks_clean(tmp_path: Path, monkeypatch: pytest.Monkey
     assert lab.config.listen.idle_timeout == 3600
     assert lab.config.max_message_size == 1024 * 1024
     code, lines = check(tmp_path)
-    assert (code, lines) == (0, ["ok: 1 channel(s), 1 enabled (lab:2575)"])
+    assert code == 0, lines
+    assert len(lines) == 1 and lines[0].startswith("ok: 1 channel(s), 1 enabled (lab:2575); "), lines
 
 
 def test_shipped_example_checks_clean_in_place(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(ROOT)
     code, lines = check(ROOT)
     assert code == 0, lines
-    assert lines == ["ok: 1 channel(s), 1 enabled (lab:2575)"]
+    assert len(lines) == 1 and lines[0].startswith("ok: 1 channel(s), 1 enabled (lab:2575); "), lines
 
 
 def test_check_as_a_real_command(tmp_path: Path) -> None:
@@ -119,7 +123,7 @@ def test_check_as_a_real_command(tmp_path: Path) -> None:
     good = subprocess.run([*HL7ENGINE, "check", "--config", str(tmp_path)], cwd=tmp_path,
                           capture_output=True, text=True, timeout=60)
     assert good.returncode == 0, good
-    assert good.stdout == "ok: 1 channel(s), 1 enabled (x:2620)\n"
+    assert good.stdout == "ok: 1 channel(s), 1 enabled (x:2620); 0 route(s), default error; 0 mapping(s)\n"
 
 
 # -- every problem, located -------------------------------------------------------------------------
@@ -389,7 +393,7 @@ def test_same_port_on_different_addresses_or_disabled_is_fine(cfg: Path) -> None
     write(cfg, "c.yaml", minimal(2691, "c", "0.0.0.0") + "enabled: false\n")
     code, lines = check(cfg)
     assert code == 0, lines
-    assert lines == ["ok: 3 channel(s), 2 enabled (a:2691, b:2691)"]
+    assert lines == ["ok: 3 channel(s), 2 enabled (a:2691, b:2691); 0 route(s), default error; 0 mapping(s)"]
 
 
 def test_default_ports_clash(cfg: Path) -> None:
@@ -482,3 +486,38 @@ def test_check_of_a_missing_directory_fails(tmp_path: Path, monkeypatch: pytest.
     code, lines = check(tmp_path / "no-such-dir")
     assert code != 0, lines
     assert not any(line.startswith("ok:") for line in lines), lines
+
+
+# -- routes.yaml ------------------------------------------------------------------------------------
+
+def test_routes_problems_are_located(cfg: Path) -> None:
+    write(cfg, "lab.yaml", minimal(2630, "lab"))
+    (cfg / "routes.yaml").write_text(
+        "routes:\n"
+        "  - name: results\n"
+        "    match:\n"
+        "      channel: labb\n"
+        "      type: ORU\n"
+        "    mapping: oru_r01\n"
+        "    destinaton: [record]\n"
+        "default: drop\n", encoding="utf-8")
+    code, lines = check(cfg)
+    assert code == 1
+    assert "routes.yaml:5:13: routes[0].match.type: expected type^event such as ORU^R01 or ADT^*, got 'ORU'" in lines
+    assert any(line.startswith("routes.yaml:7:5: routes[0].destinaton:") for line in lines), lines
+    assert any(line.startswith("routes.yaml:8:10: default:") and "filter" in line for line in lines), lines
+
+
+def test_routes_name_channels_and_mappings_that_exist(cfg: Path) -> None:
+    write(cfg, "lab.yaml", minimal(2631, "lab"))
+    (cfg / "routes.yaml").write_text(
+        "routes:\n"
+        "  - name: results\n"
+        "    match: {channel: labb, type: ORU^R01}\n"
+        "    mapping: oru_r01\n", encoding="utf-8")
+    code, lines = check(cfg)
+    assert code == 1
+    assert any(line.startswith("routes.yaml:3:22: routes[0].match.channel: no channel named 'labb'")
+               for line in lines), lines
+    assert any("routes[0].mapping: mapping 'oru_r01' named but there is no mappings/ directory" in line
+               for line in lines), lines

@@ -13,6 +13,7 @@ from typing import Any
 
 from engine.config.loader import load_model, position
 from engine.config.models import ChannelConfig
+from engine.config.routes import RoutesConfig, routes_file
 from engine.errors import ConfigError, Problem
 
 
@@ -28,6 +29,8 @@ class LoadedChannel:
 class Project:
     root: Path
     channels: list[LoadedChannel] = field(default_factory=list)
+    routes: RoutesConfig = field(default_factory=RoutesConfig)
+    mappings: Any = None  # engine.mapping MappingSet, when mappings/ exists
 
     def channel(self, name: str) -> LoadedChannel:
         for ch in self.channels:
@@ -142,6 +145,45 @@ def load_project(root: Path) -> Project:
         raise ConfigError([Problem(shown_path(root), 0, 0, "", "configuration directory not found")])
     channels, problems = load_channels(root)
     project = Project(root=root, channels=channels)
+    mapping_names: set[str] | None = None
+    if (root / "mappings").is_dir():
+        from engine.mapping.loader import load_mappings
+
+        project.mappings, found = load_mappings(root)
+        problems += found
+        mapping_names = set(project.mappings.names) if project.mappings is not None else None
+    path = routes_file(root)
+    if path is not None:
+        shown = shown_path(path)
+        routes, yaml, found = load_model(RoutesConfig, path, shown)
+        problems += found
+        if routes is not None:
+            project.routes = routes
+            problems += _check_routes(routes, yaml, shown, {c.name for c in channels}, mapping_names)
     if problems:
         raise ConfigError(problems)
     return project
+
+
+def _check_routes(routes: RoutesConfig, yaml: Any, shown: str, channels: set[str],
+                  mappings: set[str] | None) -> list[Problem]:
+    """Every channel a route names exists; every mapping it names is in mappings/."""
+    problems = []
+    for i, r in enumerate(routes.routes):
+        for j, name in enumerate(r.match.channel or []):
+            if name not in channels and "*" not in name:
+                line, col = position(yaml, ("routes", i, "match", "channel", j) if len(r.match.channel or []) > 1
+                                     else ("routes", i, "match", "channel"))
+                problems.append(Problem(shown, line, col, f"routes[{i}].match.channel",
+                                        f"no channel named {name!r} in channels/ (known: "
+                                        f"{', '.join(sorted(channels)) or 'none'})"))
+        if mappings is not None and r.mapping not in mappings:
+            line, col = position(yaml, ("routes", i, "mapping"))
+            problems.append(Problem(shown, line, col, f"routes[{i}].mapping",
+                                    f"no mapping named {r.mapping!r} in mappings/ (known: "
+                                    f"{', '.join(sorted(mappings)) or 'none'})"))
+        elif mappings is None:
+            line, col = position(yaml, ("routes", i, "mapping"))
+            problems.append(Problem(shown, line, col, f"routes[{i}].mapping",
+                                    f"mapping {r.mapping!r} named but there is no mappings/ directory"))
+    return problems

@@ -62,9 +62,13 @@ def alembic_config(url: str) -> Config:
 
 def upgrade(url: str, revision: str = "head") -> None:
     """Apply migrations up to ``revision`` (idempotent; safe when several processes start at once)."""
-    engine = make_engine(url, pool_size=1)
+    # one process at a time: SQLite's BEGIN IMMEDIATE (writer=True) or a PostgreSQL advisory lock;
+    # the next one then finds the schema at head and does nothing
+    engine = make_engine(url, pool_size=1, writer=is_sqlite(url))
     try:
         with engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7411)")  # any fixed number: "hl7engine migrations"
             cfg = alembic_config(url)
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, revision)

@@ -39,7 +39,7 @@ metadata = MetaData(
 )
 
 # Lifecycle of a stored message (design-notes guarantee 2).
-STATUSES = ("received", "queued", "processing", "processed", "filtered", "error", "replayed", "duplicate")
+STATUSES = ("received", "queued", "processing", "processed", "filtered", "error", "held", "replayed", "duplicate")
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -133,3 +133,13 @@ message_events = Table(
     Column("detail", Text),
 )
 Index("ix_message_events_message_id", message_events.c.message_id)
+
+# Patients whose stream is parked (design-notes guarantee 4): a message of theirs failed; their
+# later messages are held (status held) until it is replayed or skipped.
+parked_patients = Table(
+    "parked_patients",
+    metadata,
+    Column("patient_key", String(300), primary_key=True),
+    Column("message_uid", String(32), nullable=False),
+    Column("parked_at", UTCDateTime, nullable=False),
+)

@@ -1,0 +1,146 @@
+"""End to end: MLLP in, facts committed in the central record out.
+
+Starts ``hl7engine listen`` and ``hl7engine work --workers N`` on PostgreSQL + RabbitMQ (the
+services on 127.0.0.1; a fresh database and queue names per run), or on the embedded defaults with
+``--embedded``, with this repository's channels/, routes.yaml and mappings/. Sends ORU^R01 with
+10 OBX from 32 connections, then waits until every message is processed and reports:
+
+- intake: msgs/s and ACK latency (as bench/loadgen.py);
+- end to end: messages (and observations) per second from the first receipt to the last commit,
+  and per-message latency from receipt (``received_at``) to the record commit (``updated_at`` of
+  the processed row), p50/p99.
+
+    python bench/e2e.py --messages 20000 --workers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import psycopg
+from sqlalchemy import create_engine, func, select, text
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from loadgen import percentile, run_load  # noqa: E402
+from run import delete_rabbit_topology  # noqa: E402
+
+from engine.store.schema import messages  # noqa: E402
+
+PG_ADMIN = os.environ.get("BENCH_PG", "postgresql://postgres@127.0.0.1:5432/test")
+AMQP = os.environ.get("BENCH_AMQP", "amqp://guest:guest@127.0.0.1:5672/%2F")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise SystemExit(f"engine did not listen on {port}")
+
+
+def config_dir(port: int) -> Path:
+    """This repository's configuration, with the channel on a free port."""
+    d = Path(tempfile.mkdtemp(prefix="hl7e2e-"))
+    (d / "channels").mkdir()
+    lab = (ROOT / "channels" / "lab.yaml").read_text().replace("port: 2575", f"port: {port}")
+    lab = lab.replace("host: 0.0.0.0", "host: 127.0.0.1")
+    (d / "channels" / "lab.yaml").write_text(lab)
+    (d / "routes.yaml").write_text((ROOT / "routes.yaml").read_text())
+    os.symlink(ROOT / "mappings", d / "mappings")
+    return d
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--messages", type=int, default=20000)
+    ap.add_argument("--connections", type=int, default=32)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--embedded", action="store_true", help="SQLite store and queue instead of PostgreSQL + RabbitMQ")
+    args = ap.parse_args()
+
+    port = free_port()
+    cfg = config_dir(port)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HL7ENGINE_")}
+    env.update(HL7ENGINE_HTTP_PORT="0", HL7ENGINE_LOG_LEVEL="warning")
+    dbname = queue = ""
+    if args.embedded:
+        url = f"sqlite:///{cfg / 'var' / 'hl7engine.db'}"
+    else:
+        dbname = f"hl7e2e_{uuid.uuid4().hex[:10]}"
+        with psycopg.connect(PG_ADMIN, autocommit=True) as c:
+            c.execute(f'CREATE DATABASE "{dbname}"')
+        url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{dbname}"
+        queue = f"hl7e2e.{uuid.uuid4().hex[:8]}"
+        env.update(HL7ENGINE_DATABASE_URL=url, HL7ENGINE_BROKER_URL=AMQP, HL7ENGINE_QUEUE_NAME=queue)
+    exe = str(Path(sys.executable).with_name("hl7engine"))
+    listen = subprocess.Popen([exe, "listen", "--config", str(cfg)], env=env, start_new_session=True)
+    work = subprocess.Popen([exe, "work", "--config", str(cfg), "--workers", str(args.workers)], env=env,
+                            start_new_session=True)
+    try:
+        wait_port(port)
+        time.sleep(2)  # workers connected
+        t0 = time.time()
+        res = asyncio.run(run_load("127.0.0.1", port, connections=args.connections, messages=args.messages))
+        print(f"intake: {res.messages} msgs in {res.seconds:.2f}s = {res.rate:,.0f} msgs/s; "
+              f"ACK p50 {res.p50_ms:.2f} ms, p99 {res.p99_ms:.2f} ms; errors {res.errors}")
+        engine = create_engine(url)
+        deadline = time.time() + 600
+        while time.time() < deadline:  # until nothing is left queued (warm-up messages included)
+            with engine.connect() as conn:
+                left = conn.execute(select(func.count()).select_from(messages)
+                                    .where(messages.c.status.in_(["queued", "replayed"]))).scalar() or 0
+            if left == 0:
+                break
+            time.sleep(0.2)
+        with engine.connect() as conn:
+            rows = conn.execute(select(messages.c.received_at, messages.c.updated_at, messages.c.status)).all()
+            obs = conn.execute(text("SELECT count(*) FROM rec_observations")).scalar() or 0
+        processed = [r for r in rows if r.status == "processed"]
+        first = min(r.received_at for r in rows)
+        last = max(r.updated_at for r in processed)
+        span = (last - first).total_seconds()
+        lat = sorted((r.updated_at - r.received_at).total_seconds() * 1000 for r in processed)
+        statuses: dict[str, int] = {}
+        for r in rows:
+            statuses[r.status] = statuses.get(r.status, 0) + 1
+        print(f"end to end ({'embedded' if args.embedded else 'PostgreSQL + RabbitMQ'}, {args.workers} worker "
+              f"process(es)): {len(processed)} ORU (10 OBX) in {span:.2f}s = {len(processed) / span:,.0f} msgs/s, "
+              f"{obs / span:,.0f} observations/s; receipt->commit p50 {percentile(lat, 0.50):.1f} ms, "
+              f"p99 {percentile(lat, 0.99):.1f} ms; statuses {statuses}; observations stored {obs:,}; "
+              f"wall {time.time() - t0:.1f}s")
+        engine.dispose()
+    finally:
+        for p in (listen, work):
+            os.killpg(p.pid, signal.SIGTERM)
+        for p in (listen, work):
+            p.wait(60)
+        if queue:
+            delete_rabbit_topology(AMQP, queue)
+        if dbname:
+            with psycopg.connect(PG_ADMIN, autocommit=True) as c:
+                c.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+
+
+if __name__ == "__main__":
+    main()

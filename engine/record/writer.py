@@ -1,0 +1,386 @@
+"""Write one message's facts into the central record: ``apply(conn, mapped, ...)``.
+
+Runs inside the caller's transaction (the worker commits it together with the message's status
+change, design-notes guarantee 3). The rules:
+
+- **Patient** — found by ANY of the message's identifiers (namespace + value, see ``models``);
+  identifiers not yet known are added to it; a patient that no identifier finds is created. If the
+  identifiers find two different patients (that are not merged into one), ``RecordConflict``.
+  Writes go to the found patient's survivor (a patient merged away by ADT^A40 is replaced by it).
+- **Facts** — each has a business key (``Fact.key``), unique per patient and kind, looked up across
+  the patient's merge group. Same key and same content: unchanged (a resend or a replay changes
+  nothing). Same key, different content: the new version replaces the stored one, which goes to
+  ``rec_history`` — unless this message is older (``message_time``: MSH-7, else the receipt time)
+  than the one that wrote the stored version: then it is skipped (``skipped_older``). An OBX-11
+  correction (C) is such a replacement. Two facts of one kind with the same key in one message:
+  the last one counts.
+- **Merge** (ADT^A40) — the patient found by the replaced identifiers (created if unknown) is linked
+  as replaced by the message's patient; reads of it follow the link (``links``).
+- **Concurrency** — the caller serialises one patient's messages; different patients may be written
+  at once. Creating a patient or adding identifiers runs in a savepoint against the unique
+  (namespace, value) constraint: if another transaction won the race, the patient is matched again.
+
+Errors carry no patient data (no names, no identifier values).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel
+from sqlalchemy import Connection, Table, and_, insert, literal, or_, select, update
+from sqlalchemy.exc import IntegrityError
+
+from engine.errors import EngineError
+from engine.record import facts as F
+from engine.record.links import group_of, survivors
+from engine.record.models import (
+    FACT_TABLES,
+    KEY_LENGTH,
+    rec_history,
+    rec_patient_identifiers,
+    rec_patient_links,
+    rec_patients,
+)
+
+ASSIGNER_PREFIX = "assigner:"
+NAMESPACE_LENGTH, VALUE_LENGTH = 300, 250  # rec_patient_identifiers.namespace, .value
+RETRIES = 3
+CHUNK = 500
+
+# MappedMessage attribute for each keyed fact kind, in the order they are written
+FACT_LISTS = {
+    "encounter": "encounters", "report": "reports", "observation": "observations", "specimen": "specimens",
+    "allergy": "allergies", "immunization": "immunizations", "condition": "conditions", "procedure": "procedures",
+}
+
+
+class RecordError(EngineError):
+    """The facts of a message cannot be written as they are (a permanent failure for the message)."""
+
+
+class RecordConflict(RecordError):
+    """The identifiers of a message find more than one patient."""
+
+
+@dataclass(slots=True)
+class Counts:
+    inserted: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    skipped_older: int = 0
+
+
+@dataclass(slots=True)
+class ApplyResult:
+    """What ``apply`` did, per kind: ``patient``, ``identifier``, ``link`` and the fact kinds."""
+
+    patient_id: int | None = None
+    kinds: dict[str, Counts] = field(default_factory=dict)
+
+    def add(self, kind: str, outcome: str, n: int = 1) -> None:
+        if n:
+            counts = self.kinds.setdefault(kind, Counts())
+            setattr(counts, outcome, getattr(counts, outcome) + n)
+
+    def _total(self, outcome: str) -> int:
+        return sum(int(getattr(c, outcome)) for c in self.kinds.values())
+
+    @property
+    def inserted(self) -> int:
+        return self._total("inserted")
+
+    @property
+    def updated(self) -> int:
+        return self._total("updated")
+
+    @property
+    def unchanged(self) -> int:
+        return self._total("unchanged")
+
+    @property
+    def skipped_older(self) -> int:
+        return self._total("skipped_older")
+
+
+def apply(conn: Connection, mapped: F.MappedMessage, *, message_uid: str, received_at: datetime) -> ApplyResult:
+    """Write ``mapped`` (the facts of the message ``message_uid``) in the caller's transaction."""
+    result = ApplyResult()
+    lists: dict[str, list[Any]] = {kind: getattr(mapped, attr) for kind, attr in FACT_LISTS.items()}
+    if mapped.patient is None:
+        if any(lists.values()) or mapped.merges:
+            raise RecordError("the message has facts but no patient: record facts belong to a patient (PID)")
+        return result
+    when = mapped.message_time.at if mapped.message_time is not None else received_at
+    w = _Writer(conn, message_uid, _utc(when), datetime.now(UTC), result)
+    pid = w.patient(mapped.patient)
+    for merge in mapped.merges:
+        w.merge(pid, merge)
+    group = group_of(conn, pid)
+    for kind, items in lists.items():
+        if items:
+            w.facts(kind, pid, group, items)
+    result.patient_id = pid
+    return result
+
+
+# -- helpers --------------------------------------------------------------------------------------
+
+def namespace(ident: F.Identifier) -> str:
+    """The matching namespace of an identifier: its system, else its assigning authority."""
+    if ident.system:
+        return ident.system
+    return f"{ASSIGNER_PREFIX}{ident.assigner}" if ident.assigner else ""
+
+
+def db_key(key: str) -> str:
+    """A business key as stored: keys longer than the column keep a prefix and a hash of the whole."""
+    if len(key) <= KEY_LENGTH:
+        return key
+    return f"{key[:KEY_LENGTH - 65]}#{hashlib.sha256(key.encode()).hexdigest()}"
+
+
+def dump(fact: BaseModel) -> tuple[dict[str, Any], str]:
+    """The fact as JSON-ready data and the SHA-256 of its canonical text (the idempotence test)."""
+    data: dict[str, Any] = fact.model_dump(mode="json")
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return data, hashlib.sha256(text.encode()).hexdigest()
+
+
+def _utc(dt: datetime) -> datetime:
+    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+
+
+def _cut(text: str | None, n: int = 250) -> str | None:
+    return None if text is None else text[:n]
+
+
+def _coding(cc: F.CodeableConcept | None, i: int = 0) -> tuple[str | None, str | None]:
+    if cc is None or len(cc.codings) <= i:
+        return None, None
+    c = cc.codings[i]
+    return _cut(c.code), _cut(c.system)
+
+
+def _at(instant: F.Instant | None) -> datetime | None:
+    return None if instant is None else _utc(instant.at)
+
+
+def _code(cc: F.CodeableConcept | None) -> dict[str, Any]:
+    code, system = _coding(cc)
+    return {"code": code, "code_system": system}
+
+
+def _encounter(f: F.Encounter) -> dict[str, Any]:
+    return {"status": _cut(f.status, 32), "class_code": _cut(f.class_code, 32), "period_start": _at(f.start),
+            "period_end": _at(f.end)}
+
+
+def _report(f: F.Report) -> dict[str, Any]:
+    return {**_code(f.code), "status": _cut(f.status, 32),
+            "filler_number": _cut(f.filler_order.value) if f.filler_order else None,
+            "placer_number": _cut(f.placer_order.value) if f.placer_order else None,
+            "effective": _at(f.effective), "issued": _at(f.issued)}
+
+
+def _observation(f: F.Observation) -> dict[str, Any]:
+    alt_code, alt_system = _coding(f.code, 1)
+    return {**_code(f.code), "alt_code": alt_code, "alt_code_system": alt_system,
+            "report_key": db_key(f.report_key) if f.report_key else None, "status": _cut(f.status, 32),
+            "value_type": f.value.type if f.value else None, "effective": _at(f.effective), "issued": _at(f.issued)}
+
+
+def _specimen(f: F.Specimen) -> dict[str, Any]:
+    return {"report_key": db_key(f.report_key) if f.report_key else None, "type_code": _coding(f.type)[0],
+            "collected": _at(f.collected)}
+
+
+def _allergy(f: F.Allergy) -> dict[str, Any]:
+    return _code(f.code)
+
+
+def _immunization(f: F.Immunization) -> dict[str, Any]:
+    return {**_code(f.vaccine), "status": _cut(f.status, 32), "occurrence": _at(f.occurrence)}
+
+
+def _condition(f: F.Condition) -> dict[str, Any]:
+    return {**_code(f.code), "onset": _at(f.onset)}
+
+
+def _procedure(f: F.Procedure) -> dict[str, Any]:
+    return {**_code(f.code), "performed": _at(f.performed)}
+
+
+# the indexed columns of each kind, taken from its fact
+COLUMNS: dict[str, Callable[[Any], dict[str, Any]]] = {
+    "encounter": _encounter, "report": _report, "observation": _observation, "specimen": _specimen,
+    "allergy": _allergy, "immunization": _immunization, "condition": _condition, "procedure": _procedure,
+}
+
+
+def _unique(identifiers: Iterable[F.Identifier]) -> dict[tuple[str, str], F.Identifier]:
+    """The identifiers by their matching key. Too long to store exactly: refused, never truncated
+    (a truncated identifier could match another person)."""
+    out: dict[tuple[str, str], F.Identifier] = {}
+    for ident in identifiers:
+        if ident.value:
+            key = (namespace(ident), ident.value)
+            if len(key[0]) > NAMESPACE_LENGTH or len(key[1]) > VALUE_LENGTH:
+                raise RecordError(f"a patient identifier is too long for the record (value at most {VALUE_LENGTH}, "
+                                  f"system or assigning authority at most {NAMESPACE_LENGTH} characters)")
+            out.setdefault(key, ident)
+    return out
+
+
+def _chunks(items: list[str], n: int = CHUNK) -> Iterable[list[str]]:
+    for i in range(0, len(items), n):
+        yield items[i:i + n]
+
+
+# -- the writer -----------------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class _Writer:
+    conn: Connection
+    message_uid: str
+    when: datetime  # the message's time (MSH-7, else receipt)
+    now: datetime
+    result: ApplyResult
+
+    # patients ------------------------------------------------------------------------------------
+
+    def patient(self, fact: F.Patient) -> int:
+        """Find (or create) the message's patient, add its new identifiers, update its demographics."""
+        pid, created = self._find_or_create(fact.identifiers, fact, "identifiers of this message")
+        if created:
+            self.result.add("patient", "inserted")
+        else:
+            data, digest = dump(fact)
+            self.result.add("patient", self._replace(rec_patients, "patient", pid, None, data, digest, {}))
+        return pid
+
+    def merge(self, survivor_id: int, merge: F.Merge) -> None:
+        """ADT^A40: link the patient of ``merge.replaced`` as replaced by ``survivor_id``."""
+        stub = F.Patient(identifiers=merge.replaced)
+        replaced, created = self._find_or_create(merge.replaced, stub, "replaced identifiers (MRG) of this merge")
+        if created:
+            self.result.add("patient", "inserted")
+        if replaced == survivor_id:
+            self.result.add("link", "unchanged")
+            return
+        # both are survivors (ends of their chains), so this link cannot close a cycle
+        self.conn.execute(insert(rec_patient_links).values(
+            patient_id=replaced, replaced_by_id=survivor_id, message_uid=self.message_uid,
+            message_time=self.when, created_at=self.now))
+        self.result.add("link", "inserted")
+
+    def _find_or_create(self, identifiers: list[F.Identifier], fact: F.Patient, what: str) -> tuple[int, bool]:
+        """The survivor of the patient these identifiers find (created when none does), with the
+        identifiers it lacked added; and whether it was created."""
+        wanted = _unique(identifiers)
+        if not wanted:
+            raise RecordError(f"the {what} have no value: a patient needs at least one identifier")
+        for attempt in range(RETRIES):
+            found = self._match(list(wanted))
+            roots = set(survivors(self.conn, set(found.values())).values())
+            if len(roots) > 1:
+                ids = ", ".join(str(r) for r in sorted(roots))
+                raise RecordConflict(f"{what} match {len(roots)} different patients (record ids {ids}); "
+                                     "merge them (ADT^A40) or correct the identifiers, then replay")
+            missing = [k for k in wanted if k not in found]
+            if roots and not missing:
+                self.result.add("identifier", "unchanged", len(found))
+                return roots.pop(), False
+            try:
+                with self.conn.begin_nested():
+                    created = not roots
+                    pid = self._create(fact) if created else roots.pop()
+                    self._add_identifiers(pid, [wanted[k] for k in missing])
+            except IntegrityError:
+                if attempt == RETRIES - 1:
+                    raise
+                continue  # another transaction created one of these identifiers: match again
+            self.result.add("identifier", "inserted", len(missing))
+            self.result.add("identifier", "unchanged", len(found))
+            return pid, created
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _match(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], int]:
+        t = rec_patient_identifiers
+        cond = or_(*(and_(t.c.namespace == ns, t.c.value == value) for ns, value in keys))
+        rows = self.conn.execute(select(t.c.namespace, t.c.value, t.c.patient_id).where(cond)).all()
+        return {(r.namespace, r.value): int(r.patient_id) for r in rows}
+
+    def _create(self, fact: F.Patient) -> int:
+        data, digest = dump(fact)
+        res = self.conn.execute(insert(rec_patients).values(
+            fact=data, content_hash=digest, version=1, message_uid=self.message_uid, message_time=self.when,
+            created_at=self.now, updated_at=self.now))
+        key = res.inserted_primary_key
+        assert key is not None
+        return int(key[0])
+
+    def _add_identifiers(self, pid: int, identifiers: list[F.Identifier]) -> None:
+        if identifiers:
+            self.conn.execute(insert(rec_patient_identifiers), [
+                {"patient_id": pid, "namespace": namespace(i), "value": i.value, "system": i.system,
+                 "type": _cut(i.type, 16), "assigner": _cut(i.assigner), "message_uid": self.message_uid,
+                 "created_at": self.now} for i in identifiers])
+
+    # facts ---------------------------------------------------------------------------------------
+
+    def facts(self, kind: str, pid: int, group: list[int], items: list[Any]) -> None:
+        table = FACT_TABLES[kind]
+        latest = {db_key(f.key): f for f in items}  # the last fact of a key in this message counts
+        existing: dict[str, Any] = {}  # key -> row
+        owner = table.c.patient_id.in_(group) if len(group) > 1 else table.c.patient_id == pid
+        for chunk in _chunks(list(latest)):
+            rows = self.conn.execute(select(table.c.id, table.c.patient_id, table.c.key, table.c.content_hash,
+                                            table.c.message_time).where(owner, table.c.key.in_(chunk))).all()
+            for r in rows:  # in a merge group, the survivor's own fact first
+                if r.key not in existing or r.patient_id == pid:
+                    existing[r.key] = r
+        new_rows = []
+        for key, fact in latest.items():
+            data, digest = dump(fact)
+            columns = COLUMNS[kind](fact)
+            row = existing.get(key)
+            if row is None:
+                new_rows.append({"patient_id": pid, "key": key, "fact": data, "content_hash": digest, "version": 1,
+                                 "message_uid": self.message_uid, "message_time": self.when,
+                                 "created_at": self.now, "updated_at": self.now, **columns})
+                self.result.add(kind, "inserted")
+            else:
+                self.result.add(kind, self._replace(table, kind, int(row.id), key, data, digest, columns,
+                                                    stored=row))
+        if new_rows:
+            self.conn.execute(insert(table), new_rows)
+
+    def _replace(self, table: Table, kind: str, row_id: int, key: str | None, data: dict[str, Any], digest: str,
+                 columns: dict[str, Any], stored: Any = None) -> str:
+        """Replace the stored version of a fact (or of a patient's demographics) by a new one unless it
+        is the same or this message is older; keep the old version in history. Returns the outcome."""
+        if stored is None:
+            stored = self.conn.execute(select(table.c.content_hash, table.c.message_time)
+                                       .where(table.c.id == row_id)).one()
+        if stored.content_hash == digest:
+            return "unchanged"
+        if self.when < stored.message_time:
+            return "skipped_older"
+        h = rec_history
+        self.conn.execute(insert(h).from_select(
+            [h.c.kind, h.c.fact_id, h.c.patient_id, h.c.key, h.c.fact, h.c.content_hash, h.c.version,
+             h.c.message_uid, h.c.message_time, h.c.superseded_at, h.c.superseded_by],
+            select(literal(kind), table.c.id, table.c.patient_id if "patient_id" in table.c else table.c.id,
+                   literal(key, h.c.key.type), table.c.fact, table.c.content_hash, table.c.version,
+                   table.c.message_uid, table.c.message_time, literal(self.now, h.c.superseded_at.type),
+                   literal(self.message_uid)).where(table.c.id == row_id)))
+        self.conn.execute(update(table).where(table.c.id == row_id).values(
+            fact=data, content_hash=digest, version=table.c.version + 1, message_uid=self.message_uid,
+            message_time=self.when, updated_at=self.now, **columns))
+        return "updated"

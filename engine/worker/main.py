@@ -1,0 +1,136 @@
+"""``hl7engine work``: worker processes that consume the queue and write the central record.
+
+``serve_workers`` starts ``count`` processes (one per core is a good start) and stops them on
+SIGTERM/SIGINT: each finishes the message in hand (its transaction commits or rolls back; an unacked
+RabbitMQ delivery is redelivered to the next worker), then exits.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+from engine.config.loader import load_model
+from engine.config.project import load_project, shown_path
+from engine.config.routes import RoutesConfig, routes_file
+from engine.errors import ConfigError, Problem
+from engine.observe import configure_logging, get_logger, tune_gc
+from engine.settings import Settings
+from engine.store import db
+from engine.worker.processor import Processor
+from engine.worker.router import Router
+
+log = get_logger("engine.worker")
+
+
+def load_routes(root: Path) -> RoutesConfig:
+    path = routes_file(root)
+    if path is None:
+        return RoutesConfig()
+    cfg, _, problems = load_model(RoutesConfig, path, shown_path(path))
+    if problems or cfg is None:
+        raise ConfigError(problems)
+    return cfg
+
+
+def build_processor(root: Path, settings: Settings) -> Processor:
+    """Everything a worker needs, loaded and compiled once."""
+    from engine.hl7.message import Message
+    from engine.record.writer import apply
+
+    project = load_project(root)  # channels, routes.yaml and mappings/, all checked
+    routes = project.routes
+    mappings = project.mappings
+    if mappings is None:
+        raise ConfigError([Problem(shown_path(root / "mappings"), 0, 0, "", "no mappings/ directory: workers "
+                                   "need the mappings routes.yaml names")])
+    url = settings.resolved_database_url(root)
+    engine = db.make_engine(url, pool_size=2, writer=db.is_sqlite(url))
+
+    def map_message(name: str, msg: Message, context: dict[str, Any]) -> Any:
+        ctx = mappings.context(context["channel"], context["timezone"], control_id=context["control_id"],
+                               sending_facility=context["sending_facility"],
+                               message_type=context.get("message_type", ""))
+        mapped = mappings.get(name).apply(msg, ctx)
+        for warning in ctx.warnings:
+            log.warning("value skipped by the mapping", mapping=name, detail=warning[:200])
+        return mapped
+
+    def apply_facts(conn: Any, mapped: Any, uid: str, received_at: Any) -> int:
+        result = apply(conn, mapped, message_uid=uid, received_at=received_at)
+        return result.inserted + result.updated
+
+    timezones = {ch.name: str(ch.config.timezone) for ch in project.channels}
+    return Processor(engine, Router(routes), map_message, apply_facts, timezones)
+
+
+def work(root: Path, settings: Settings, index: int, count: int, stop: threading.Event) -> None:
+    """One worker process's loop."""
+    from engine.worker.sources import run_db_queue, run_rabbit
+
+    processor = build_processor(root, settings)
+    tune_gc()
+    log.info("worker started", index=index, of=count, queue="rabbitmq" if settings.broker_url else "database")
+    try:
+        if settings.broker_url:
+            partitions = [p for p in range(settings.queue_partitions) if p % count == index]
+            run_rabbit(processor, processor.engine, settings.broker_url, settings.queue_name, partitions, stop)
+        else:
+            run_db_queue(processor, processor.engine, stop, index=index, count=count)
+    finally:
+        processor.engine.dispose()
+        log.info("worker stopped", index=index)
+
+
+def _child(root: str, settings: dict[str, Any], index: int, count: int) -> None:
+    s = Settings(**settings)
+    configure_logging(s.log_level, s.log_format)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    work(Path(root), s, index, count, stop)
+
+
+def start_workers(root: Path, settings: Settings, count: int) -> list[multiprocessing.process.BaseProcess]:
+    """Start ``count`` worker processes (spawned: nothing of the parent's state is shared)."""
+    ctx = multiprocessing.get_context("spawn")
+    procs: list[multiprocessing.process.BaseProcess] = []
+    for i in range(count):
+        p = ctx.Process(target=_child, args=(str(root), settings.model_dump(), i, count), name=f"hl7engine-worker-{i}")
+        p.start()
+        procs.append(p)
+    return procs
+
+
+def stop_workers(procs: list[multiprocessing.process.BaseProcess], timeout: float = 30) -> None:
+    for p in procs:
+        if p.is_alive() and p.pid is not None:
+            p.terminate()  # SIGTERM: finish the message in hand
+    for p in procs:
+        p.join(timeout)
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+def serve_workers(root: Path, settings: Settings, count: int) -> None:
+    """Run workers until SIGTERM/SIGINT; restart any that dies."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    db.upgrade(settings.resolved_database_url(root))
+    procs = start_workers(root, settings, count)
+    try:
+        while not stop.wait(1.0):
+            for i, p in enumerate(procs):
+                if not p.is_alive():
+                    log.warning("worker exited; starting a new one", index=i, exitcode=p.exitcode)
+                    ctx = multiprocessing.get_context("spawn")
+                    procs[i] = ctx.Process(target=_child, args=(str(root), settings.model_dump(), i, count),
+                                           name=f"hl7engine-worker-{i}")
+                    procs[i].start()
+    finally:
+        stop_workers(procs)

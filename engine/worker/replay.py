@@ -1,0 +1,107 @@
+"""Replay or skip a failed message, releasing its patient's held messages in order.
+
+- ``replay``: the failed message is queued again (status ``replayed``), then every message of the
+  same patient that was held behind it, in arrival order. If it fails again, it parks its patient
+  again and the ones behind it are held again: order is never broken.
+- ``skip``: the failed message stays ``error`` (an event records the skip); the held messages are
+  queued again in arrival order.
+
+Queued again means: a ``queue_entries`` row (embedded) or a persistent, confirmed publish to the
+message's partition queue (RabbitMQ), exactly as at receipt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Engine, delete, insert, select, update
+
+from engine.errors import EngineError
+from engine.settings import Settings
+from engine.store.schema import message_events, messages, parked_patients, queue_entries
+
+
+class ReplayError(EngineError):
+    pass
+
+
+@dataclass(slots=True)
+class Released:
+    replayed: str | None
+    queued: list[str]  # uids queued again, in order
+
+
+def release(engine: Engine, settings: Settings, message_id: int, *, skip: bool) -> Released:
+    now = datetime.now(UTC)
+    with engine.begin() as conn:
+        row = conn.execute(select(messages.c.id, messages.c.uid, messages.c.status, messages.c.partition)
+                           .where(messages.c.id == message_id)).first()
+        if row is None:
+            raise ReplayError(f"no message with id {message_id}")
+        if row.status != "error":
+            raise ReplayError(f"message {message_id} has status {row.status}; only messages in error are "
+                              "replayed or skipped")
+        parked = conn.execute(select(parked_patients.c.patient_key)
+                              .where(parked_patients.c.message_uid == row.uid)).first()
+        held = conn.execute(
+            select(messages.c.id, messages.c.uid, messages.c.partition, messages.c.raw, messages.c.charset,
+                   messages.c.channel, messages.c.received_at, messages.c.control_id, messages.c.sending_facility,
+                   messages.c.batch_uid, messages.c.message_type, messages.c.trigger_event)
+            .where(messages.c.status == "held", messages.c.error.contains(f"({row.uid})"))
+            .order_by(messages.c.id)
+        ).all()
+        if parked is not None:
+            conn.execute(delete(parked_patients).where(parked_patients.c.patient_key == parked.patient_key))
+        ids = ([] if skip else [row.id]) + [h.id for h in held]
+        conn.execute(insert(message_events).values(message_id=row.id, at=now, status="error" if skip else "replayed",
+                                                   step="operator", detail="skipped" if skip else "replayed"))
+        if not skip:
+            conn.execute(update(messages).where(messages.c.id == row.id)
+                         .values(status="replayed", error_step=None, error=None, updated_at=now))
+        for h in held:
+            conn.execute(update(messages).where(messages.c.id == h.id)
+                         .values(status="queued", error_step=None, error=None, updated_at=now))
+        rows = conn.execute(
+            select(messages.c.id, messages.c.uid, messages.c.partition, messages.c.raw, messages.c.charset,
+                   messages.c.channel, messages.c.received_at, messages.c.control_id, messages.c.sending_facility,
+                   messages.c.batch_uid, messages.c.message_type, messages.c.trigger_event)
+            .where(messages.c.id.in_(ids)).order_by(messages.c.id)
+        ).all()
+        if settings.broker_url:
+            _publish(settings, rows)  # inside the transaction: if the broker fails, nothing changes
+        else:
+            for r in rows:
+                conn.execute(insert(queue_entries).values(message_uid=r.uid, partition=r.partition or 0,
+                                                          enqueued_at=now, available_at=now, attempts=0))
+    return Released(None if skip else row.uid, [r.uid for r in rows])
+
+
+def _publish(settings: Settings, rows: Sequence[Any]) -> None:
+    import pika
+
+    from engine.queue.rabbitmq import RabbitPublisher
+
+    assert settings.broker_url is not None
+    publisher = RabbitPublisher(settings.broker_url, settings.queue_name)
+    try:
+        if not publisher.wait_connected(10):
+            raise ReplayError(f"broker unavailable: {publisher.last_error}")
+        batch = []
+        for r in rows:
+            label = f"{r.message_type}^{r.trigger_event}" if r.trigger_event else (r.message_type or "")
+            batch.append((str(r.partition or 0), bytes(r.raw), pika.BasicProperties(
+                delivery_mode=2, message_id=r.uid, timestamp=int(r.received_at.timestamp()),
+                content_type="application/hl7-v2", content_encoding=r.charset, type=label,
+                headers={"channel": r.channel, "control_id": r.control_id or "",
+                         "sending_facility": r.sending_facility or "", "received_at": r.received_at.isoformat(),
+                         "partition": r.partition or 0, "batch_uid": r.batch_uid or "", "replay": True},
+            )))
+        try:
+            publisher.publish(batch, 30)
+        except EngineError as exc:
+            raise ReplayError(str(exc)) from None
+    finally:
+        publisher.close()
