@@ -521,3 +521,11 @@ def test_routes_name_channels_and_mappings_that_exist(cfg: Path) -> None:
                for line in lines), lines
     assert any("routes[0].mapping: mapping 'oru_r01' named but there is no mappings/ directory" in line
                for line in lines), lines
+
+
+def test_ack_after_processed_is_refused_until_it_exists(cfg: Path) -> None:
+    write(cfg, "lab.yaml", minimal(2632, "lab") + "ack:\n  after: processed\n")
+    code, lines = check(cfg)
+    assert code == 1
+    assert any(line.startswith("channels/lab.yaml:") and "ack.after: 'processed' is not available yet" in line
+               for line in lines), lines

@@ -137,3 +137,50 @@ def test_corpus_into_the_record(backend: Backend, engine_factory: Any, corpus: l
     rows = wait_processed(url)
     assert len(rows) == 2 * first
     assert record_counts(url) == before
+
+
+def lab(cid: str, when: str, patient: str, name: str, status: str, value: str, msh18: str = "") -> str:
+    return (f"MSH|^~\\&|LIS|MINSKLAB|HL7ENGINE|CENTRAL|{when}+0300||ORU^R01^ORU_R01|{cid}|P|2.5.1|||||BY|{msh18}\r"
+            f"PID|1||{patient}^^^MINSKLAB^MR||{name}||19800101|F\r"
+            f"OBR|1|ORD77|FIL77^MINSKLAB|2345-7^Glucose^LN|||{when}+0300||||||||||||||||||{status}\r"
+            f"OBX|1|NM|2345-7^Glucose^LN||{value}|mmol/L^mmol/L^UCUM|3.9-6.1|N|||{status}|||{when}+0300\r")
+
+
+def get(http: int, path: str) -> Any:
+    with urllib.request.urlopen(f"http://127.0.0.1:{http}{path}", timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def test_cyrillic_names_and_a_correction_reach_the_record(backend: Backend, engine_factory: Any,
+                                                          tmp_path: Path) -> None:
+    """windows-1251 without MSH-18 (the channel's charset) and UTF-8 with MSH-18 both keep their
+    Cyrillic names; a corrected result (OBX-11 C) replaces its preliminary one and keeps history."""
+    project(tmp_path)
+    http = free_port()
+    eng = engine_factory(backend, channel_extra="charset: windows-1251\n", HL7ENGINE_WORKERS="1",
+                         HL7ENGINE_HTTP_PORT=str(http))
+    with MLLPClient("127.0.0.1", eng.port, timeout=30) as client:
+        for raw in (lab("CY1", "20261122080000", "BY-1", "ИВАНОВА^АННА^ПЕТРОВНА", "P", "7.2").encode("cp1251"),
+                    lab("CY2", "20261122081000", "BY-2", "ПЕТРОВ^ПЁТР", "F", "5.0", "UNICODE UTF-8").encode("utf-8"),
+                    lab("CY3", "20261122090000", "BY-1", "ИВАНОВА^АННА^ПЕТРОВНА", "C", "6.8").encode("cp1251")):
+            answer = client.send(raw)
+            assert answer is not None and b"MSA|AA|" in answer
+    rows = wait_processed(store_url(eng))
+    assert [r.status for r in rows] == ["processed"] * 3, [(r.control_id, r.status, r.error) for r in rows]
+
+    anna = get(http, "/fhir/Patient?identifier=BY-1")["entry"][0]["resource"]
+    assert anna["name"][0]["family"] == "ИВАНОВА" and anna["name"][0]["given"][:2] == ["АННА", "ПЕТРОВНА"]
+    petr = get(http, "/fhir/Patient?identifier=BY-2")["entry"][0]["resource"]
+    assert petr["name"][0]["family"] == "ПЕТРОВ" and petr["name"][0]["given"] == ["ПЁТР"]
+
+    obs = get(http, f"/fhir/Observation?patient={anna['id']}")
+    assert obs["total"] == 1, "the correction replaced the preliminary result"
+    o = obs["entry"][0]["resource"]
+    assert o["status"] == "corrected" and o["valueQuantity"]["value"] == 6.8
+    engine = create_engine(store_url(eng))
+    with engine.connect() as conn:
+        from engine.record.models import rec_history
+
+        assert conn.execute(select(func.count()).select_from(rec_history)
+                            .where(rec_history.c.kind == "observation")).scalar_one() == 1
+    engine.dispose()

@@ -493,3 +493,9 @@ def test_http_metadata_and_health(client: TestClient) -> None:
     assert {res["type"] for res in cap["rest"][0]["resource"]} == set(RESOURCE_TYPES)
     assert_valid(cap)
     assert client.get("/healthz").json() == {"status": "ok"}
+
+
+def test_http_metrics(client: TestClient) -> None:
+    r = client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    assert "python_info" in r.text or "process_" in r.text or "hl7engine" in r.text

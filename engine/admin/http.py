@@ -22,6 +22,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -80,6 +81,11 @@ def create_app(database_url: str) -> FastAPI:
     async def _server_error(_request: Request, exc: Exception) -> Response:
         # the detail may hold data from the record: log nothing of it, answer a generic outcome
         return outcome(500, "exception", f"internal error ({type(exc).__name__})")
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        """Prometheus metrics of this process (with ``hl7engine run``: the listeners')."""
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz")
     def healthz() -> Response:

@@ -120,8 +120,19 @@ class AcceptConfig(Strict):
 
 
 class AckConfig(Strict):
+    @field_validator("after")
+    @classmethod
+    def _after(cls, v: str) -> str:
+        if v == "processed":
+            raise ValueError("'processed' is not available yet: the engine acknowledges once the message is "
+                             "durable (stored and queued); use 'stored', and follow processing with "
+                             "hl7engine messages --status error")
+        return v
+
     mode: Literal["original", "enhanced"] = "original"
-    after: Literal["stored", "processed"] = "stored"
+    after: Literal["stored", "processed"] = Field(
+        default="stored", description="stored: AA once durable. processed (AA only after the record commit) is "
+        "not available yet")
     timeout: Duration = Field(default=10.0, gt=0, description="answer AE if the message is not durable by then")
     application: str = Field(default="HL7ENGINE", description="our MSH-3 when the sender left MSH-5 empty")
     facility: str = Field(default="", description="our MSH-4 when the sender left MSH-6 empty")
