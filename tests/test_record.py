@@ -455,3 +455,91 @@ def test_different_patients_are_written_in_parallel(postgres_url: str) -> None:
             assert count(conn, rec_patients) == 2 and count(conn, rec_observations) == 4
     finally:
         eng.dispose()
+
+
+# -- batched writes -------------------------------------------------------------------------------
+
+def test_many_replacements_in_one_message_each_keep_their_history(engine: Engine) -> None:
+    obs = [observation(code, "1", sub_id=str(i)) for i, code in enumerate(["718-7", "2345-7", "789-8", "777-3"])]
+    first = write(engine, lab_message(obs=obs), "m1")
+    newer = lab_message(minutes=10, obs=[
+        observation("718-7", "2", sub_id="0"), observation("2345-7", "1", sub_id="1"),  # changed, same
+        observation("789-8", "3", status="corrected", result_status="C", sub_id="2"),  # changed
+        observation("777-3", "1", sub_id="3"), observation("6690-2", "9", sub_id="4")])  # same, new
+    newer.reports[0].status = "corrected"
+    assert newer.patient is not None
+    newer.patient.gender = "female"
+    r = write(engine, newer, "m2")
+    assert r.patient_id == first.patient_id
+    assert counts(r, "observation") == (1, 2, 2, 0)
+    assert counts(r, "report") == (0, 1, 0, 0) and counts(r, "specimen") == (0, 0, 1, 0)
+    assert counts(r, "patient") == (0, 1, 0, 0)
+    with engine.connect() as conn:
+        rows = {row.alt_code: row for row in conn.execute(select(rec_observations))}
+        assert {c: (row.version, row.message_uid) for c, row in rows.items()} == {
+            "718-7": (2, "m2"), "2345-7": (1, "m1"), "789-8": (2, "m2"), "777-3": (1, "m1"), "6690-2": (1, "m2")}
+        assert rows["789-8"].status == "corrected"
+        assert F.Observation.model_validate(rows["718-7"].fact) == observation("718-7", "2", sub_id="0")
+        hist = conn.execute(select(rec_history).order_by(rec_history.c.id)).all()
+        by_kind = sorted((h.kind, h.fact_id, h.key, h.version, h.message_uid, h.superseded_by) for h in hist)
+        rep = conn.execute(select(rec_reports)).one()
+        assert by_kind == sorted([
+            ("observation", rows["718-7"].id, rows["718-7"].key, 1, "m1", "m2"),
+            ("observation", rows["789-8"].id, rows["789-8"].key, 1, "m1", "m2"),
+            ("report", rep.id, rep.key, 1, "m1", "m2"),
+            ("patient", first.patient_id, None, 1, "m1", "m2")])
+        for h in hist:
+            if h.kind == "observation":
+                assert F.Observation.model_validate(h.fact).value == observation(value="1").value
+    # older than what is stored: every kind skipped, nothing written
+    late = write(engine, lab_message(minutes=5, obs=obs), "m0")
+    assert late.updated == 0 and late.kinds["observation"].skipped_older == 2
+    assert write(engine, newer, "m2").updated == 0  # replay
+
+
+def test_round_trips_per_message(engine: Engine) -> None:
+    """A new patient's message looks nothing up but its identifiers; a known patient's message reads
+    its identifiers (with its stored demographics and links) and all its facts in two queries."""
+    from sqlalchemy import event
+
+    statements: list[str] = []
+
+    def count_statement(*args: Any) -> None:
+        verb = args[2].split()[0].upper()
+        if verb not in ("BEGIN", "COMMIT"):  # the transaction of ``write``, not of ``apply``
+            statements.append(verb)
+
+    event.listen(engine, "before_cursor_execute", count_statement)
+    try:
+        write(engine, lab_message(), "m1")
+        selects_new = statements.count("SELECT")
+        statements.clear()
+        r = write(engine, lab_message(), "m2")
+    finally:
+        event.remove(engine, "before_cursor_execute", count_statement)
+    assert selects_new == 1
+    assert r.unchanged == 6 and statements == ["SELECT", "SELECT"]
+
+
+def test_losing_the_creation_race_undoes_the_attempt_and_matches_again(engine: Engine,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """As if another transaction committed the identifiers between the lookup and the insert: the
+    attempt's patient and identifiers are removed again and the message goes to the existing patient."""
+    from engine.record import writer
+
+    first = write(engine, lab_message(ident("MRN-1")), "m1")
+    real = writer._Writer._match
+    calls = {"n": 0}
+
+    def stale_once(self: Any, keys: list[tuple[str, str]]) -> dict[tuple[str, str], int]:
+        calls["n"] += 1
+        return {} if calls["n"] == 1 else real(self, keys)
+
+    monkeypatch.setattr(writer._Writer, "_match", stale_once)
+    r = write(engine, lab_message(ident("MRN-2"), ident("MRN-1"), minutes=5), "m2")
+    assert calls["n"] == 2 and r.patient_id == first.patient_id
+    assert counts(r, "identifier") == (1, 0, 1, 0) and counts(r, "observation") == (0, 0, 2, 0)
+    with engine.connect() as conn:
+        assert count(conn, rec_patients) == 1
+        idents = conn.execute(select(rec_patient_identifiers.c.value, rec_patient_identifiers.c.patient_id)).all()
+        assert sorted(idents) == [("MRN-1", first.patient_id), ("MRN-2", first.patient_id)]

@@ -26,7 +26,7 @@ from engine.intake.writer import BatchWriter, Job, WireJob
 from engine.queue.dbqueue import DatabaseQueue
 from engine.settings import Settings
 from engine.store import db
-from engine.store.schema import messages, parked_patients, queue_entries
+from engine.store.schema import message_events, messages, parked_patients, queue_entries
 from engine.worker.processor import Processor, RetryLater
 from engine.worker.replay import release
 from engine.worker.router import MessageKey, Router
@@ -237,3 +237,69 @@ def test_adopts_a_queued_message_without_a_row(url: str) -> None:
     adopt(p.engine, uid, props, raw)
     assert p.process(uid).status == "processed"
     assert fake.applied == {"P9": ["AD1"]}
+
+
+def test_one_batch_reads_once_and_marks_every_message(url: str) -> None:
+    """A batch with a poisoned message, a later message of its patient, a duplicate delivery and an
+    unknown uid: each gets its outcome, status and event; the poisoned patient is parked for the
+    rest of the same batch; the failure's marks survive the rollback of its savepoint."""
+    fake = FakeRecord()
+    p = processor(url, fake)
+    uids = store(url, [oru("B1", "P1"), oru("B2", "P2", "POISON"), oru("B3", "P2"), oru("B4", "P1"),
+                       oru("B5", "P3", mtype="ORM^O01")])
+    calls: list[str] = []
+    items: list[tuple[str, Any]] = [(u, None) for u in uids]
+    items.insert(1, (uids[0], None))  # a redelivery of B1 inside the same batch
+    items.append(("0" * 32, lambda conn: calls.append("after")))
+    outcomes = p.process_batch(items)
+    assert [o.status for o in outcomes] == ["processed", "skipped", "error", "held", "processed", "filtered",
+                                            "missing"]
+    assert calls == ["after"]
+    assert fake.applied == {"P1": ["B1", "B4"]}
+    assert statuses(p.engine) == {"B1": "processed", "B2": "error", "B3": "held", "B4": "processed",
+                                  "B5": "filtered"}
+    with p.engine.connect() as conn:
+        events = conn.execute(select(messages.c.control_id, message_events.c.status, message_events.c.step)
+                              .join(messages, messages.c.id == message_events.c.message_id)
+                              .order_by(message_events.c.id)).all()
+        parked = conn.execute(select(parked_patients.c.patient_key, parked_patients.c.message_uid)).all()
+        held = conn.execute(select(messages.c.error).where(messages.c.control_id == "B3")).scalar_one()
+    # one event per message and status (the receipt events, if any, come first)
+    marked = [(e.control_id, e.status, e.step) for e in events if e.status != "queued"]
+    assert marked == [("B1", "processed", None), ("B2", "error", "map"), ("B3", "held", "order"),
+                      ("B4", "processed", None), ("B5", "filtered", "route")]
+    assert parked == [("WLAB|P2^WLAB", uids[1])]
+    assert uids[1] in held
+    # the next batch sees the parked patient too; the replayed failure itself goes through and releases it
+    fake.allow_poison = True
+    assert [o.status for o in p.process_batch([(uids[2], None)])] == ["held"]
+    with p.engine.begin() as conn:
+        conn.execute(messages.update().where(messages.c.uid == uids[1]).values(status="replayed"))
+    assert [o.status for o in p.process_batch([(uids[1], None), (uids[2], None)])] == ["processed", "processed"]
+    assert fake.applied["P2"] == ["B2", "B3"]
+    with p.engine.connect() as conn:
+        assert conn.execute(select(parked_patients.c.patient_key)).all() == []
+
+
+def test_hl7apy_validation_is_a_permanent_error_that_parks_the_patient(url: str) -> None:
+    """On a channel with `validation: hl7apy`, a message whose structure is invalid for its version
+    (an OBX without its OBR) is an error at step validate and parks its patient; a valid one is
+    processed; the same invalid message on a channel without validation is mapped as usual."""
+    good = oru("V1", "P1")
+    bad = oru("V2", "P2").replace(b"OBR|1||ACC-V2|GLU^Glucose\r", b"")
+    later = oru("V3", "P2")
+    unvalidated = oru("V4", "P3").replace(b"OBR|1||ACC-V4|GLU^Glucose\r", b"")
+    store(url, [good, bad, later])
+    store(url, [unvalidated], channel="other")
+    routes = RoutesConfig.model_validate({"routes": [{"name": "all", "match": {}, "mapping": "oru"}],
+                                          "default": "filter"})
+    fake = FakeRecord()
+    engine = db.make_engine(url, pool_size=2, writer=db.is_sqlite(url))
+    p = Processor(engine, Router(routes), fake.map, fake.apply, {"lab": "UTC"}, frozenset({"lab"}))
+    drain(p)
+    st = statuses(engine)
+    assert st == {"V1": "processed", "V2": "error", "V3": "held", "V4": "processed"}
+    with engine.connect() as conn:
+        row = conn.execute(select(messages.c.error_step, messages.c.error).where(messages.c.control_id == "V2")).one()
+    assert row.error_step == "validate"
+    assert row.error.startswith("hl7apy: ") and "P2" not in row.error

@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel
-from sqlalchemy import Connection, Table, and_, insert, literal, or_, select, update
+from sqlalchemy import Connection, Table, and_, bindparam, insert, literal, or_, select, union_all, update
 from sqlalchemy.exc import IntegrityError
 
 from engine.errors import EngineError
@@ -121,10 +121,14 @@ def apply(conn: Connection, mapped: F.MappedMessage, *, message_uid: str, receiv
     pid = w.patient(mapped.patient)
     for merge in mapped.merges:
         w.merge(pid, merge)
-    group = group_of(conn, pid)
-    for kind, items in lists.items():
-        if items:
-            w.facts(kind, pid, group, items)
+    # a patient that no link touches (the common case, known from the identifier lookup) is its own group
+    group = [pid] if pid in w.unlinked and not mapped.merges else group_of(conn, pid)
+    # a patient this message created (and merged nothing into) has no facts yet: nothing to look up
+    fresh = pid in w.created and not mapped.merges
+    latest = {kind: {db_key(f.key): f for f in items} for kind, items in lists.items() if items}
+    stored = {kind: {} for kind in latest} if fresh else w.lookup(pid, group, latest)
+    for kind, facts in latest.items():
+        w.facts(kind, pid, facts, stored[kind])
     result.patient_id = pid
     return result
 
@@ -251,6 +255,9 @@ class _Writer:
     when: datetime  # the message's time (MSH-7, else receipt)
     now: datetime
     result: ApplyResult
+    unlinked: set[int] = field(default_factory=set)  # patients seen to be in no merge link
+    stored: dict[int, Any] = field(default_factory=dict)  # patient id -> its content_hash, message_time
+    created: set[int] = field(default_factory=set)  # patients created by this message
 
     # patients ------------------------------------------------------------------------------------
 
@@ -261,7 +268,8 @@ class _Writer:
             self.result.add("patient", "inserted")
         else:
             data, digest = dump(fact)
-            self.result.add("patient", self._replace(rec_patients, "patient", pid, None, data, digest, {}))
+            outcome = self._replace_many(rec_patients, "patient", [(pid, data, digest, {}, self.stored.get(pid))])
+            self.result.add("patient", outcome[0])
         return pid
 
     def merge(self, survivor_id: int, merge: F.Merge) -> None:
@@ -287,7 +295,8 @@ class _Writer:
             raise RecordError(f"the {what} have no value: a patient needs at least one identifier")
         for attempt in range(RETRIES):
             found = self._match(list(wanted))
-            roots = set(survivors(self.conn, set(found.values())).values())
+            matched = set(found.values())
+            roots = matched if matched <= self.unlinked else set(survivors(self.conn, matched).values())
             if len(roots) > 1:
                 ids = ", ".join(str(r) for r in sorted(roots))
                 raise RecordConflict(f"{what} match {len(roots)} different patients (record ids {ids}); "
@@ -305,6 +314,9 @@ class _Writer:
                 if attempt == RETRIES - 1:
                     raise
                 continue  # another transaction created one of these identifiers: match again
+            if created:  # a new patient: in no link, without facts
+                self.unlinked.add(pid)
+                self.created.add(pid)
             self.result.add("identifier", "inserted", len(missing))
             self.result.add("identifier", "unchanged", len(found))
             return pid, created
@@ -313,7 +325,20 @@ class _Writer:
     def _match(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], int]:
         t = rec_patient_identifiers
         cond = or_(*(and_(t.c.namespace == ns, t.c.value == value) for ns, value in keys))
-        rows = self.conn.execute(select(t.c.namespace, t.c.value, t.c.patient_id).where(cond)).all()
+        p, lk = rec_patients, rec_patient_links
+        linked = or_(select(lk.c.patient_id).where(lk.c.patient_id == t.c.patient_id).exists(),
+                     select(lk.c.patient_id).where(lk.c.replaced_by_id == t.c.patient_id).exists())
+        # one round trip: the identifiers, their patient's stored version and whether a link touches it
+        rows = self.conn.execute(select(t.c.namespace, t.c.value, t.c.patient_id, p.c.content_hash,
+                                        p.c.message_time, linked.label("linked"))
+                                 .join(p, p.c.id == t.c.patient_id).where(cond)).all()
+        for r in rows:
+            pid = int(r.patient_id)
+            self.stored[pid] = r
+            if r.linked:
+                self.unlinked.discard(pid)
+            else:
+                self.unlinked.add(pid)
         return {(r.namespace, r.value): int(r.patient_id) for r in rows}
 
     def _create(self, fact: F.Patient) -> int:
@@ -334,18 +359,32 @@ class _Writer:
 
     # facts ---------------------------------------------------------------------------------------
 
-    def facts(self, kind: str, pid: int, group: list[int], items: list[Any]) -> None:
-        table = FACT_TABLES[kind]
-        latest = {db_key(f.key): f for f in items}  # the last fact of a key in this message counts
-        existing: dict[str, Any] = {}  # key -> row
-        owner = table.c.patient_id.in_(group) if len(group) > 1 else table.c.patient_id == pid
-        for chunk in _chunks(list(latest)):
-            rows = self.conn.execute(select(table.c.id, table.c.patient_id, table.c.key, table.c.content_hash,
-                                            table.c.message_time).where(owner, table.c.key.in_(chunk))).all()
-            for r in rows:  # in a merge group, the survivor's own fact first
-                if r.key not in existing or r.patient_id == pid:
+    def lookup(self, pid: int, group: list[int], latest: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """The stored rows of these keys, per kind and key, across the merge group: one UNION ALL query
+        for all kinds (per kind and chunk of keys when there are many)."""
+        found: dict[str, dict[str, Any]] = {kind: {} for kind in latest}
+        parts = []
+        for kind, keys in latest.items():
+            table = FACT_TABLES[kind]
+            owner = table.c.patient_id.in_(group) if len(group) > 1 else table.c.patient_id == pid
+            for chunk in _chunks(list(keys)):
+                parts.append(select(literal(kind).label("kind"), table.c.id, table.c.patient_id, table.c.key,
+                                    table.c.content_hash, table.c.message_time)
+                             .where(owner, table.c.key.in_(chunk)))
+        statements = [union_all(*parts)] if len(parts) > 1 and sum(map(len, latest.values())) <= CHUNK else parts
+        for stmt in statements:
+            for r in self.conn.execute(stmt).all():
+                existing = found[r.kind]
+                if r.key not in existing or r.patient_id == pid:  # in a merge group, the survivor's own first
                     existing[r.key] = r
+        return found
+
+    def facts(self, kind: str, pid: int, latest: dict[str, Any], existing: dict[str, Any]) -> None:
+        """Insert, replace or keep the message's facts of one kind (``latest``: key -> the last fact of
+        that key in the message; ``existing``: key -> the stored row)."""
+        table = FACT_TABLES[kind]
         new_rows = []
+        replacements: list[tuple[int, dict[str, Any], str, dict[str, Any], Any]] = []
         for key, fact in latest.items():
             data, digest = dump(fact)
             columns = COLUMNS[kind](fact)
@@ -356,31 +395,56 @@ class _Writer:
                                  "created_at": self.now, "updated_at": self.now, **columns})
                 self.result.add(kind, "inserted")
             else:
-                self.result.add(kind, self._replace(table, kind, int(row.id), key, data, digest, columns,
-                                                    stored=row))
+                replacements.append((int(row.id), data, digest, columns, row))
         if new_rows:
             self.conn.execute(insert(table), new_rows)
+        for outcome in self._replace_many(table, kind, replacements):
+            self.result.add(kind, outcome)
 
-    def _replace(self, table: Table, kind: str, row_id: int, key: str | None, data: dict[str, Any], digest: str,
-                 columns: dict[str, Any], stored: Any = None) -> str:
-        """Replace the stored version of a fact (or of a patient's demographics) by a new one unless it
-        is the same or this message is older; keep the old version in history. Returns the outcome."""
-        if stored is None:
-            stored = self.conn.execute(select(table.c.content_hash, table.c.message_time)
-                                       .where(table.c.id == row_id)).one()
-        if stored.content_hash == digest:
-            return "unchanged"
-        if self.when < stored.message_time:
-            return "skipped_older"
+    def _replace_many(self, table: Table, kind: str,
+                      items: list[tuple[int, dict[str, Any], str, dict[str, Any], Any]]) -> list[str]:
+        """Replace stored versions of facts (or of a patient's demographics) — ``(row id, data, hash,
+        indexed columns, stored row or None)`` each — by new ones unless the same or this message is
+        older; keep the old versions in history. One statement each for the stored versions still
+        unknown, the history and the updates. Returns the outcome of each item, in order."""
+        missing = [row_id for row_id, _, _, _, stored in items if stored is None]
+        fetched: dict[int, Any] = {}
+        if missing:
+            rows = self.conn.execute(select(table.c.id, table.c.content_hash, table.c.message_time)
+                                     .where(table.c.id.in_(missing))).all()
+            fetched = {int(r.id): r for r in rows}
+        outcomes: list[str] = []
+        changed: list[tuple[int, dict[str, Any], str, dict[str, Any]]] = []
+        for row_id, data, digest, columns, known in items:
+            stored = known if known is not None else fetched[row_id]
+            if stored.content_hash == digest:
+                outcomes.append("unchanged")
+            elif self.when < stored.message_time:
+                outcomes.append("skipped_older")
+            else:
+                outcomes.append("updated")
+                changed.append((row_id, data, digest, columns))
+        if not changed:
+            return outcomes
+        ids = [c[0] for c in changed]
+        if len(set(ids)) != len(ids):  # pragma: no cover - keys are unique per message
+            raise AssertionError("one row replaced twice")
         h = rec_history
+        is_fact = "patient_id" in table.c
         self.conn.execute(insert(h).from_select(
             [h.c.kind, h.c.fact_id, h.c.patient_id, h.c.key, h.c.fact, h.c.content_hash, h.c.version,
              h.c.message_uid, h.c.message_time, h.c.superseded_at, h.c.superseded_by],
-            select(literal(kind), table.c.id, table.c.patient_id if "patient_id" in table.c else table.c.id,
-                   literal(key, h.c.key.type), table.c.fact, table.c.content_hash, table.c.version,
-                   table.c.message_uid, table.c.message_time, literal(self.now, h.c.superseded_at.type),
-                   literal(self.message_uid)).where(table.c.id == row_id)))
-        self.conn.execute(update(table).where(table.c.id == row_id).values(
-            fact=data, content_hash=digest, version=table.c.version + 1, message_uid=self.message_uid,
-            message_time=self.when, updated_at=self.now, **columns))
-        return "updated"
+            select(literal(kind), table.c.id, table.c.patient_id if is_fact else table.c.id,
+                   table.c.key if is_fact else literal(None, h.c.key.type), table.c.fact, table.c.content_hash,
+                   table.c.version, table.c.message_uid, table.c.message_time,
+                   literal(self.now, h.c.superseded_at.type), literal(self.message_uid))
+            .where(table.c.id.in_(ids)).order_by(table.c.id)))
+        names = list(changed[0][3])
+        stmt = update(table).where(table.c.id == bindparam("b_id")).values(
+            fact=bindparam("b_fact", type_=table.c.fact.type), content_hash=bindparam("b_hash"),
+            version=table.c.version + 1, message_uid=self.message_uid, message_time=self.when, updated_at=self.now,
+            **{n: bindparam(f"b_{n}", type_=table.c[n].type) for n in names})
+        self.conn.execute(stmt, [{"b_id": row_id, "b_fact": data, "b_hash": digest,
+                                  **{f"b_{n}": columns[n] for n in names}}
+                                 for row_id, data, digest, columns in changed])
+        return outcomes

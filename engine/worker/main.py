@@ -64,7 +64,8 @@ def build_processor(root: Path, settings: Settings) -> Processor:
         return result.inserted + result.updated
 
     timezones = {ch.name: str(ch.config.timezone) for ch in project.channels}
-    return Processor(engine, Router(routes), map_message, apply_facts, timezones)
+    validated = frozenset(ch.name for ch in project.channels if ch.config.validation == "hl7apy")
+    return Processor(engine, Router(routes), map_message, apply_facts, timezones, validated)
 
 
 def work(root: Path, settings: Settings, index: int, count: int, stop: threading.Event) -> None:

@@ -15,11 +15,11 @@ marked, the source retries with backoff.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, delete, insert, select, update
+from sqlalchemy import Connection, Engine, bindparam, delete, insert, select, update
 from sqlalchemy.exc import DBAPIError
 
 from engine.errors import EngineError, HL7Error
@@ -28,6 +28,7 @@ from engine.hl7.message import Message
 from engine.observe import get_logger
 from engine.store.schema import message_events, messages, parked_patients
 from engine.worker.router import MessageKey, Router
+from engine.worker.validate import ValidationFailed, validate
 
 log = get_logger("engine.worker")
 
@@ -62,8 +63,9 @@ class Processor:
     """Everything a worker needs to process a message, built once per worker process."""
 
     def __init__(self, engine: Engine, router: Router, map_message: MapFn, apply_facts: ApplyFn,
-                 timezones: dict[str, str]) -> None:
+                 timezones: dict[str, str], validated: frozenset[str] = frozenset()) -> None:
         self.engine = engine
+        self.validated = validated  # channels with `validation: hl7apy`
         self.router = router
         self.map_message = map_message
         self.apply_facts = apply_facts
@@ -77,26 +79,35 @@ class Processor:
     def process_batch(self, items: list[tuple[str, Callable[[Connection], None] | None]]) -> list[Outcome]:
         """Process several messages, in order, in ONE transaction (one commit, one fsync); each in a
         savepoint, so a permanent failure is rolled back alone and marked (its patient parked) in
-        the same transaction. A transient failure rolls back the whole batch: RetryLater."""
+        the same transaction. A transient failure rolls back the whole batch: RetryLater.
+
+        Round trips are shared by the batch: its message rows are read (and locked) with one query
+        and its parked patients with another; the status changes and events are written together at
+        the end (a message's marks are kept only once its savepoint is released, and a failed
+        message's after the rollback of its savepoint)."""
         outcomes: list[Outcome] = []
         try:
             with self.engine.begin() as conn:
+                batch = self._load(conn, [uid for uid, _ in items])
                 for uid, after in items:
                     savepoint = conn.begin_nested()
+                    done = _Done()
                     try:
-                        outcome = self._process(conn, uid)
+                        outcome = self._process(conn, uid, batch, done)
                         savepoint.commit()
+                        batch.keep(done)
                     except PermanentError as exc:
                         savepoint.rollback()
-                        outcome = self._mark_failed(conn, uid, exc)
+                        outcome = self._mark_failed(conn, uid, batch, exc)
                     except DBAPIError as exc:
                         if exc.connection_invalidated or _transient(exc):
                             raise
                         savepoint.rollback()  # e.g. a constraint the record refused: this message only
-                        outcome = self._mark_failed(conn, uid, PermanentError("record", _short(exc)))
+                        outcome = self._mark_failed(conn, uid, batch, PermanentError("record", _short(exc)))
                     if after is not None:
                         after(conn)
                     outcomes.append(outcome)
+                self._write_marks(conn, batch.marks)
         except DBAPIError as exc:
             raise RetryLater(_short(exc)) from exc
         for (uid, _), outcome in zip(items, outcomes, strict=True):
@@ -104,36 +115,68 @@ class Processor:
                 log.warning("message failed", uid=uid, step=outcome.step, reason=outcome.reason[:300])
         return outcomes
 
-    def _process(self, conn: Connection, uid: str) -> Outcome:
-        q = select(messages.c.id, messages.c.channel, messages.c.raw, messages.c.charset, messages.c.status,
-                   messages.c.sending_facility, messages.c.control_id, messages.c.message_type,
-                   messages.c.trigger_event, messages.c.structure, messages.c.version,
-                   messages.c.received_at).where(messages.c.uid == uid)
-        if conn.dialect.name == "postgresql":
-            q = q.with_for_update()
-        row = conn.execute(q).first()
+    def _load(self, conn: Connection, uids: list[str]) -> _Batch:
+        """The batch's message rows (locked on PostgreSQL), parsed, and the parked state of their patients."""
+        batch = _Batch()
+        wanted = sorted(set(uids))
+        for start in range(0, len(wanted), CHUNK):
+            q = select(messages.c.id, messages.c.uid, messages.c.channel, messages.c.raw, messages.c.charset,
+                       messages.c.status, messages.c.sending_facility, messages.c.control_id,
+                       messages.c.message_type, messages.c.trigger_event, messages.c.structure,
+                       messages.c.version, messages.c.received_at
+                       ).where(messages.c.uid.in_(wanted[start:start + CHUNK])).order_by(messages.c.id)
+            if conn.dialect.name == "postgresql":
+                q = q.with_for_update()
+            for row in conn.execute(q):
+                batch.rows[row.uid] = row
+                batch.status[row.uid] = row.status
+        for uid, row in batch.rows.items():
+            if row.status in FINAL:
+                continue
+            try:
+                msg = Message.parse(decode(row.raw, row.charset or "utf-8"))
+            except HL7Error as exc:
+                batch.parsed[uid] = exc
+                continue
+            batch.parsed[uid] = msg
+            key = patient_key(msg, row.sending_facility or "")
+            if key is not None:
+                batch.keys[uid] = key
+        keys = sorted(set(batch.keys.values()))
+        for start in range(0, len(keys), CHUNK):
+            for r in conn.execute(select(parked_patients.c.patient_key, parked_patients.c.message_uid)
+                                  .where(parked_patients.c.patient_key.in_(keys[start:start + CHUNK]))):
+                batch.parked[r.patient_key] = r.message_uid
+        return batch
+
+    def _process(self, conn: Connection, uid: str, batch: _Batch, done: _Done) -> Outcome:
+        row = batch.rows.get(uid)
         if row is None:
             return Outcome("missing")
-        if row.status in FINAL:
+        if batch.status[uid] in FINAL:
             return Outcome("skipped")
         now = datetime.now(UTC)
-        try:
-            msg = Message.parse(decode(row.raw, row.charset or "utf-8"))
-        except HL7Error as exc:
-            raise PermanentError("parse", exc.text) from None
-        key = patient_key(msg, row.sending_facility or "")
+        parsed = batch.parsed[uid]
+        if isinstance(parsed, HL7Error):
+            raise PermanentError("parse", parsed.text) from None
+        msg = parsed
+        key = batch.keys.get(uid)
         if key is not None:
-            parked = conn.execute(select(parked_patients.c.message_uid)
-                                  .where(parked_patients.c.patient_key == key)).first()
-            if parked is not None and parked.message_uid != uid:
-                reason = f"held: an earlier message of this patient ({parked.message_uid}) failed; replay or skip it"
-                self._mark(conn, row.id, uid, "held", "order", reason, now)
+            parked = batch.parked.get(key)
+            if parked is not None and parked != uid:
+                reason = f"held: an earlier message of this patient ({parked}) failed; replay or skip it"
+                done.mark(row.id, uid, "held", "order", reason, now)
                 return Outcome("held", "order", reason)
+        if row.channel in self.validated:
+            try:
+                validate(decode(row.raw, row.charset or "utf-8"))
+            except ValidationFailed as exc:
+                raise PermanentError("validate", exc.reason) from None
         route = self.router.route(MessageKey(row.channel, row.message_type or "", row.trigger_event or "",
                                              row.structure or "", row.sending_facility or "", row.version or ""))
         if route is None:
             if self.router.default == "filter":
-                self._mark(conn, row.id, uid, "filtered", "route", "no route matched", now)
+                done.mark(row.id, uid, "filtered", "route", "no route matched", now)
                 return Outcome("filtered", "route", "no route matched")
             raise PermanentError("route", f"no route matches {row.message_type}^{row.trigger_event} "
                                           f"from channel {row.channel!r}")
@@ -153,34 +196,75 @@ class Processor:
             raise
         except EngineError as exc:
             raise PermanentError("record", str(exc)) from None
-        if key is not None:  # a replayed message that had parked its patient releases it
+        if key is not None and key in batch.parked:  # a replayed message that had parked its patient releases it
             conn.execute(delete(parked_patients).where(parked_patients.c.patient_key == key))
-        self._mark(conn, row.id, uid, "processed", "", None, now)
+            done.released = key
+        done.mark(row.id, uid, "processed", "", None, now)
         return Outcome("processed", facts=facts)
 
-    def _mark_failed(self, conn: Connection, uid: str, exc: PermanentError) -> Outcome:
+    def _mark_failed(self, conn: Connection, uid: str, batch: _Batch, exc: PermanentError) -> Outcome:
         """Mark the message error and park its patient (in the caller's transaction)."""
         now = datetime.now(UTC)
-        row = conn.execute(select(messages.c.id, messages.c.raw, messages.c.charset, messages.c.sending_facility)
-                           .where(messages.c.uid == uid)).first()
+        row = batch.rows.get(uid)
         if row is not None:
-            self._mark(conn, row.id, uid, "error", exc.step, exc.reason, now)
-            try:
-                key = patient_key(Message.parse(decode(row.raw, row.charset or "utf-8")), row.sending_facility or "")
-            except HL7Error:
-                key = None
-            if key is not None and conn.execute(select(parked_patients.c.message_uid)
-                                                .where(parked_patients.c.patient_key == key)).first() is None:
+            done = _Done()
+            done.mark(row.id, uid, "error", exc.step, exc.reason, now)
+            key = batch.keys.get(uid)
+            if key is not None and key not in batch.parked:
                 conn.execute(insert(parked_patients).values(patient_key=key, message_uid=uid, parked_at=now))
+                done.parked = key
+            batch.keep(done)
         return Outcome("error", exc.step, exc.reason)
 
     @staticmethod
-    def _mark(conn: Connection, message_id: int, uid: str, status: str, step: str, reason: str | None,
-              now: datetime) -> None:
-        conn.execute(update(messages).where(messages.c.id == message_id)
-                     .values(status=status, error_step=step or None, error=reason, updated_at=now))
-        conn.execute(insert(message_events).values(message_id=message_id, at=now, status=status,
-                                                   step=step or None, detail=reason))
+    def _write_marks(conn: Connection, marks: list[dict[str, Any]]) -> None:
+        """The batch's status changes (one executemany) and events (another)."""
+        if not marks:
+            return
+        conn.execute(update(messages).where(messages.c.id == bindparam("b_id")).values(
+            status=bindparam("b_status", type_=messages.c.status.type),
+            error_step=bindparam("b_step", type_=messages.c.error_step.type),
+            error=bindparam("b_error", type_=messages.c.error.type),
+            updated_at=bindparam("b_at", type_=messages.c.updated_at.type)),
+            [{k: v for k, v in m.items() if k != "b_uid"} for m in marks])
+        conn.execute(insert(message_events), [
+            {"message_id": m["b_id"], "at": m["b_at"], "status": m["b_status"], "step": m["b_step"],
+             "detail": m["b_error"]} for m in marks])
+
+
+CHUNK = 500
+
+
+@dataclass(slots=True)
+class _Done:
+    """What one message did that the batch keeps once its savepoint is released."""
+
+    marks: list[dict[str, Any]] = field(default_factory=list)
+    parked: str | None = None  # patient key parked by this message
+    released: str | None = None  # patient key released by this message
+
+    def mark(self, message_id: int, uid: str, status: str, step: str, reason: str | None, now: datetime) -> None:
+        self.marks.append({"b_id": message_id, "b_uid": uid, "b_status": status, "b_step": step or None,
+                           "b_error": reason, "b_at": now})
+
+
+@dataclass(slots=True)
+class _Batch:
+    rows: dict[str, Any] = field(default_factory=dict)  # uid -> message row
+    status: dict[str, str] = field(default_factory=dict)  # uid -> status, as the batch changed it
+    parsed: dict[str, Message | HL7Error] = field(default_factory=dict)
+    keys: dict[str, str] = field(default_factory=dict)  # uid -> patient key
+    parked: dict[str, str] = field(default_factory=dict)  # patient key -> uid of the message that parked it
+    marks: list[dict[str, Any]] = field(default_factory=list)
+
+    def keep(self, done: _Done) -> None:
+        self.marks.extend(done.marks)
+        for m in done.marks:
+            self.status[m["b_uid"]] = m["b_status"]
+        if done.released is not None:
+            self.parked.pop(done.released, None)
+        if done.parked is not None:
+            self.parked[done.parked] = done.marks[-1]["b_uid"]
 
 
 def patient_key(msg: Message, facility: str) -> str | None:
