@@ -40,7 +40,7 @@ def oru_10_obx(n: int = 0) -> str:
     units and reference ranges repeat, as a laboratory's catalogue does."""
     minute = n % 60
     segs = [
-        f"MSH|^~\\&|LIS|CENTRALLAB|HIS|CITYHOSP|202611221{minute:02d}15+0300||ORU^R01^ORU_R01|MSG{n:08d}|P|2.5.1"
+        f"MSH|^~\\&|LIS|CENTRALLAB|HIS|CITYHOSP|2026112210{minute:02d}15+0300||ORU^R01^ORU_R01|MSG{n:08d}|P|2.5.1"
         "|||AL|NE",
         f"PID|1||{100000 + n}^^^CITYHOSP^MR~AB{1234567 + n}^^^BY-NPN^NI||Ivanova{n}^Anna^Petrovna"
         f"||1980{n % 12 + 1:02d}14|F|||ul. Lenina 1^^Minsk^^220030^BY||+375291234567",

@@ -99,9 +99,9 @@ def rabbitmq_url() -> str:
     return AMQP_URL
 
 
-@pytest.fixture
-def postgres_url(postgres_admin: str) -> Iterator[str]:
-    """A fresh PostgreSQL database for one test (dropped afterwards)."""
+@contextlib.contextmanager
+def fresh_postgres(postgres_admin: str) -> Iterator[str]:
+    """A fresh PostgreSQL database, dropped on exit."""
     import psycopg
 
     name = f"hl7t_{uuid.uuid4().hex[:12]}"
@@ -113,6 +113,13 @@ def postgres_url(postgres_admin: str) -> Iterator[str]:
     finally:
         with psycopg.connect(postgres_admin, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def postgres_url(postgres_admin: str) -> Iterator[str]:
+    """A fresh PostgreSQL database for one test (dropped afterwards)."""
+    with fresh_postgres(postgres_admin) as url:
+        yield url
 
 
 @pytest.fixture

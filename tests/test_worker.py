@@ -83,6 +83,7 @@ class FakeRecord:
         self.lock = threading.Lock()
         self.fail_transient = 0
         self.allow_poison = False
+        self.waves: list[int] = []  # the size of each wave written together
 
     def map(self, name: str, msg: Message, ctx: dict[str, Any]) -> tuple[str, str, str]:
         value = msg.get("OBX-5") or ""
@@ -95,13 +96,24 @@ class FakeRecord:
             if self.fail_transient > 0:
                 self.fail_transient -= 1
                 raise RetryLater("database is locked")
+            if mapped[2] == "BADRECORD":
+                raise EngineError("the record refuses this message")
             self.applied[mapped[0]].append(mapped[1])
         return 1
+
+    def apply_wave(self, conn: Connection, items: list[tuple[Any, str, datetime]]) -> list[int]:
+        """As engine.record.writer.apply_wave: one patient per message, all or nothing."""
+        patients = [mapped[0] for mapped, _, _ in items]
+        assert len(set(patients)) == len(patients), "a wave holds one message per patient"
+        if any(mapped[2] == "BADRECORD" for mapped, _, _ in items):
+            raise EngineError("not batchable")
+        self.waves.append(len(items))
+        return [self.apply(conn, mapped, uid, received) for mapped, uid, received in items]
 
 
 def processor(url: str, fake: FakeRecord, routes: RoutesConfig = ROUTES) -> Processor:
     engine = db.make_engine(url, pool_size=2, writer=db.is_sqlite(url))
-    return Processor(engine, Router(routes), fake.map, fake.apply, {"lab": "UTC"})
+    return Processor(engine, Router(routes), fake.map, fake.apply, {"lab": "UTC"}, apply_wave=fake.apply_wave)
 
 
 def statuses(engine: Engine) -> dict[str, str]:
@@ -264,10 +276,11 @@ def test_one_batch_reads_once_and_marks_every_message(url: str) -> None:
                               .order_by(message_events.c.id)).all()
         parked = conn.execute(select(parked_patients.c.patient_key, parked_patients.c.message_uid)).all()
         held = conn.execute(select(messages.c.error).where(messages.c.control_id == "B3")).scalar_one()
-    # one event per message and status (the receipt events, if any, come first)
+    # one event per message and status (the receipt events, if any, come first); the batch writes
+    # patients' messages in waves, so events of different messages need not follow the batch order
     marked = [(e.control_id, e.status, e.step) for e in events if e.status != "queued"]
-    assert marked == [("B1", "processed", None), ("B2", "error", "map"), ("B3", "held", "order"),
-                      ("B4", "processed", None), ("B5", "filtered", "route")]
+    assert sorted(marked) == [("B1", "processed", None), ("B2", "error", "map"), ("B3", "held", "order"),
+                              ("B4", "processed", None), ("B5", "filtered", "route")]
     assert parked == [("WLAB|P2^WLAB", uids[1])]
     assert uids[1] in held
     # the next batch sees the parked patient too; the replayed failure itself goes through and releases it
@@ -303,3 +316,20 @@ def test_hl7apy_validation_is_a_permanent_error_that_parks_the_patient(url: str)
         row = conn.execute(select(messages.c.error_step, messages.c.error).where(messages.c.control_id == "V2")).one()
     assert row.error_step == "validate"
     assert row.error.startswith("hl7apy: ") and "P2" not in row.error
+
+
+def test_a_wave_that_cannot_be_written_together_is_written_one_by_one(url: str) -> None:
+    """Several patients' messages in one batch are written together; when the record refuses one
+    of them, the wave is rolled back and written message by message: only that message is an error
+    (its patient parked, its next message held), the others are processed."""
+    fake = FakeRecord()
+    p = processor(url, fake)
+    uids = store(url, [oru("W1", "P1"), oru("W2", "P2"), oru("W3", "P3"), oru("W4", "P1"), oru("W5", "P2", "BADRECORD"),
+                       oru("W6", "P3"), oru("W7", "P2")])
+    outcomes = p.process_batch([(u, None) for u in uids])
+    assert [o.status for o in outcomes] == ["processed"] * 4 + ["error", "processed", "held"]
+    assert fake.waves == [3]  # wave 1 (W1-W3) together; wave 2 (W4-W6) one by one; wave 3 (W7) alone
+    assert fake.applied == {"P1": ["W1", "W4"], "P2": ["W2"], "P3": ["W3", "W6"]}
+    assert statuses(p.engine)["W5"] == "error"
+    with p.engine.connect() as conn:
+        assert conn.execute(select(parked_patients.c.message_uid)).scalars().all() == [uids[4]]

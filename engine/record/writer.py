@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel
-from sqlalchemy import Connection, Table, and_, bindparam, insert, literal, or_, select, union_all, update
+from sqlalchemy import Connection, Table, and_, bindparam, insert, literal, or_, select, tuple_, union_all, update
 from sqlalchemy.exc import IntegrityError
 
 from engine.errors import EngineError
@@ -131,6 +131,139 @@ def apply(conn: Connection, mapped: F.MappedMessage, *, message_uid: str, receiv
         w.facts(kind, pid, facts, stored[kind])
     result.patient_id = pid
     return result
+
+
+class NotBatchable(EngineError):
+    """``apply_wave`` cannot write these messages together; write them one by one with ``apply``."""
+
+
+def apply_wave(conn: Connection, items: list[tuple[F.MappedMessage, str, datetime]]) -> list[ApplyResult]:
+    """Write several messages' facts — ``(mapped, message uid, received_at)`` each — with a few
+    statements for all of them, to the same effect as ``apply`` on each in turn.
+
+    Only for messages of *different* patients with no merge: the caller passes at most one message
+    per patient key. Anything that needs ``apply``'s care raises ``NotBatchable`` before a write
+    (a message without a patient, a merge, identifiers shared by two messages of the wave or
+    finding two patients, a patient in a merge link, two messages finding the same patient); the
+    caller rolls back its savepoint and applies the messages one by one, which then gives each its
+    own outcome. A unique-constraint race with another worker raises IntegrityError the same way."""
+    now = datetime.now(UTC)
+    results = [ApplyResult() for _ in items]
+    wanted: list[dict[tuple[str, str], F.Identifier]] = []
+    owner: dict[tuple[str, str], int] = {}
+    for i, (mapped, _, _) in enumerate(items):
+        if mapped.patient is None or mapped.merges:
+            raise NotBatchable("a message without a patient or with a merge")
+        keys = _unique(mapped.patient.identifiers)
+        if not keys:
+            raise NotBatchable("a patient without identifiers")
+        for k in keys:
+            if owner.setdefault(k, i) != i:
+                raise NotBatchable("two messages share an identifier")
+        wanted.append(keys)
+    if len({uid for _, uid, _ in items}) != len(items):
+        raise NotBatchable("one message twice")
+    when = [_utc(m.message_time.at if m.message_time is not None else received) for m, _, received in items]
+
+    # patients: one query finds every identifier, its patient's stored version and any merge link
+    t, p, lk = rec_patient_identifiers, rec_patients, rec_patient_links
+    linked = or_(select(lk.c.patient_id).where(lk.c.patient_id == t.c.patient_id).exists(),
+                 select(lk.c.patient_id).where(lk.c.replaced_by_id == t.c.patient_id).exists())
+    found: dict[tuple[str, str], Any] = {}
+    all_keys = list(owner)
+    for start in range(0, len(all_keys), CHUNK):
+        chunk = all_keys[start:start + CHUNK]
+        rows = conn.execute(select(t.c.namespace, t.c.value, t.c.patient_id, p.c.content_hash, p.c.message_time,
+                                   linked.label("linked")).join(p, p.c.id == t.c.patient_id)
+                            .where(tuple_(t.c.namespace, t.c.value).in_(chunk))).all()
+        for r in rows:
+            if r.linked:
+                raise NotBatchable("a patient in a merge link")
+            found[(r.namespace, r.value)] = r
+    pids: list[int | None] = []
+    stored_patient: dict[int, Any] = {}
+    for keys in wanted:
+        matched = {int(found[k].patient_id) for k in keys if k in found}
+        if len(matched) > 1:
+            raise NotBatchable("identifiers find two patients")
+        pid = matched.pop() if matched else None
+        if pid is not None:
+            if pid in stored_patient:
+                raise NotBatchable("two messages find the same patient")
+            stored_patient[pid] = next(found[k] for k in keys if k in found)
+        pids.append(pid)
+
+    dumped = [dump(m.patient) for m, _, _ in items if m.patient is not None]
+    new = [i for i, pid in enumerate(pids) if pid is None]
+    if new:
+        # RETURNING with the message uid (unique in the wave) says which row is whose, in any order
+        rows = conn.execute(insert(rec_patients).returning(rec_patients.c.id, rec_patients.c.message_uid), [
+            {"fact": dumped[i][0], "content_hash": dumped[i][1], "version": 1, "message_uid": items[i][1],
+             "message_time": when[i], "created_at": now, "updated_at": now} for i in new]).all()
+        created = {r.message_uid: int(r.id) for r in rows}
+        for i in new:
+            pids[i] = created[items[i][1]]
+            results[i].add("patient", "inserted")
+    identifiers = []
+    for i, keys in enumerate(wanted):
+        missing = [ident for k, ident in keys.items() if k not in found]
+        results[i].add("identifier", "inserted", len(missing))
+        results[i].add("identifier", "unchanged", len(keys) - len(missing))
+        identifiers += [{"patient_id": pids[i], "namespace": namespace(ident), "value": ident.value,
+                         "system": ident.system, "type": _cut(ident.type, 16), "assigner": _cut(ident.assigner),
+                         "message_uid": items[i][1], "created_at": now} for ident in missing]
+    if identifiers:
+        conn.execute(insert(rec_patient_identifiers), identifiers)
+    known = [i for i, pid in enumerate(pids) if pid in stored_patient]
+    outcomes = replace_many(conn, rec_patients, "patient", [
+        Replacement(_id(pids[i]), dumped[i][0], dumped[i][1], {}, stored_patient[_id(pids[i])], items[i][1], when[i])
+        for i in known], now)
+    for i, outcome in zip(known, outcomes, strict=True):
+        results[i].add("patient", outcome)
+
+    # facts: per kind, one lookup of the stored keys of the known patients, one insert, the replacements
+    for kind, attr in FACT_LISTS.items():
+        latest = [{db_key(f.key): f for f in getattr(m, attr)} for m, _, _ in items]
+        if not any(latest):
+            continue
+        table = FACT_TABLES[kind]
+        existing: dict[tuple[int, str], Any] = {}
+        lookups = [(_id(pids[i]), key) for i in known for key in latest[i]]
+        for start in range(0, len(lookups), CHUNK):
+            pairs = lookups[start:start + CHUNK]
+            for r in conn.execute(select(table.c.id, table.c.patient_id, table.c.key, table.c.content_hash,
+                                         table.c.message_time)
+                                  .where(tuple_(table.c.patient_id, table.c.key).in_(pairs))).all():
+                existing[(int(r.patient_id), r.key)] = r
+        new_rows: list[dict[str, Any]] = []
+        replacements: list[Replacement] = []
+        owners: list[int] = []
+        for i, facts in enumerate(latest):
+            pid, uid = _id(pids[i]), items[i][1]
+            for key, fact in facts.items():
+                data, digest = dump(fact)
+                columns = COLUMNS[kind](fact)
+                row = existing.get((pid, key))
+                if row is None:
+                    new_rows.append({"patient_id": pid, "key": key, "fact": data, "content_hash": digest,
+                                     "version": 1, "message_uid": uid, "message_time": when[i], "created_at": now,
+                                     "updated_at": now, **columns})
+                    results[i].add(kind, "inserted")
+                else:
+                    replacements.append(Replacement(int(row.id), data, digest, columns, row, uid, when[i]))
+                    owners.append(i)
+        if new_rows:
+            conn.execute(insert(table), new_rows)
+        for i, outcome in zip(owners, replace_many(conn, table, kind, replacements, now), strict=True):
+            results[i].add(kind, outcome)
+    for i, result in enumerate(results):
+        result.patient_id = pids[i]
+    return results
+
+
+def _id(pid: int | None) -> int:
+    assert pid is not None
+    return pid
 
 
 # -- helpers --------------------------------------------------------------------------------------
@@ -403,48 +536,68 @@ class _Writer:
 
     def _replace_many(self, table: Table, kind: str,
                       items: list[tuple[int, dict[str, Any], str, dict[str, Any], Any]]) -> list[str]:
-        """Replace stored versions of facts (or of a patient's demographics) — ``(row id, data, hash,
-        indexed columns, stored row or None)`` each — by new ones unless the same or this message is
-        older; keep the old versions in history. One statement each for the stored versions still
-        unknown, the history and the updates. Returns the outcome of each item, in order."""
-        missing = [row_id for row_id, _, _, _, stored in items if stored is None]
-        fetched: dict[int, Any] = {}
-        if missing:
-            rows = self.conn.execute(select(table.c.id, table.c.content_hash, table.c.message_time)
-                                     .where(table.c.id.in_(missing))).all()
-            fetched = {int(r.id): r for r in rows}
-        outcomes: list[str] = []
-        changed: list[tuple[int, dict[str, Any], str, dict[str, Any]]] = []
-        for row_id, data, digest, columns, known in items:
-            stored = known if known is not None else fetched[row_id]
-            if stored.content_hash == digest:
-                outcomes.append("unchanged")
-            elif self.when < stored.message_time:
-                outcomes.append("skipped_older")
-            else:
-                outcomes.append("updated")
-                changed.append((row_id, data, digest, columns))
-        if not changed:
-            return outcomes
-        ids = [c[0] for c in changed]
-        if len(set(ids)) != len(ids):  # pragma: no cover - keys are unique per message
-            raise AssertionError("one row replaced twice")
-        h = rec_history
-        is_fact = "patient_id" in table.c
-        self.conn.execute(insert(h).from_select(
+        return replace_many(self.conn, table, kind, [Replacement(row_id, data, digest, columns, stored,
+                                                                 self.message_uid, self.when)
+                                                     for row_id, data, digest, columns, stored in items], self.now)
+
+
+@dataclass(slots=True)
+class Replacement:
+    """A new version of a stored fact (or of a patient's demographics), from message ``uid`` of time
+    ``when``; ``stored`` is its stored row (content_hash, message_time) or None when not read yet."""
+
+    row_id: int
+    data: dict[str, Any]
+    digest: str
+    columns: dict[str, Any]
+    stored: Any
+    uid: str
+    when: datetime
+
+
+def replace_many(conn: Connection, table: Table, kind: str, items: list[Replacement], now: datetime) -> list[str]:
+    """Replace stored versions by new ones unless the same or the new message is older; keep the old
+    versions in history. One statement each for the stored versions still unknown, the history (per
+    message) and the updates. Returns the outcome of each item, in order."""
+    missing = [r.row_id for r in items if r.stored is None]
+    fetched: dict[int, Any] = {}
+    if missing:
+        rows = conn.execute(select(table.c.id, table.c.content_hash, table.c.message_time)
+                            .where(table.c.id.in_(missing))).all()
+        fetched = {int(r.id): r for r in rows}
+    outcomes: list[str] = []
+    changed: list[Replacement] = []
+    for r in items:
+        stored = r.stored if r.stored is not None else fetched[r.row_id]
+        if stored.content_hash == r.digest:
+            outcomes.append("unchanged")
+        elif r.when < stored.message_time:
+            outcomes.append("skipped_older")
+        else:
+            outcomes.append("updated")
+            changed.append(r)
+    if not changed:
+        return outcomes
+    if len({r.row_id for r in changed}) != len(changed):  # pragma: no cover - keys are unique per message
+        raise AssertionError("one row replaced twice")
+    h = rec_history
+    is_fact = "patient_id" in table.c
+    for uid in dict.fromkeys(r.uid for r in changed):  # the old versions, superseded by message uid
+        ids = [r.row_id for r in changed if r.uid == uid]
+        conn.execute(insert(h).from_select(
             [h.c.kind, h.c.fact_id, h.c.patient_id, h.c.key, h.c.fact, h.c.content_hash, h.c.version,
              h.c.message_uid, h.c.message_time, h.c.superseded_at, h.c.superseded_by],
             select(literal(kind), table.c.id, table.c.patient_id if is_fact else table.c.id,
                    table.c.key if is_fact else literal(None, h.c.key.type), table.c.fact, table.c.content_hash,
                    table.c.version, table.c.message_uid, table.c.message_time,
-                   literal(self.now, h.c.superseded_at.type), literal(self.message_uid))
+                   literal(now, h.c.superseded_at.type), literal(uid))
             .where(table.c.id.in_(ids)).order_by(table.c.id)))
-        names = list(changed[0][3])
-        stmt = update(table).where(table.c.id == bindparam("b_id")).values(
-            fact=bindparam("b_fact", type_=table.c.fact.type), content_hash=bindparam("b_hash"),
-            version=table.c.version + 1, message_uid=self.message_uid, message_time=self.when, updated_at=self.now,
-            **{n: bindparam(f"b_{n}", type_=table.c[n].type) for n in names})
-        self.conn.execute(stmt, [{"b_id": row_id, "b_fact": data, "b_hash": digest,
-                                  **{f"b_{n}": columns[n] for n in names}}
-                                 for row_id, data, digest, columns in changed])
-        return outcomes
+    names = list(changed[0].columns)
+    stmt = update(table).where(table.c.id == bindparam("b_id")).values(
+        fact=bindparam("b_fact", type_=table.c.fact.type), content_hash=bindparam("b_hash"),
+        version=table.c.version + 1, message_uid=bindparam("b_uid", type_=table.c.message_uid.type),
+        message_time=bindparam("b_when", type_=table.c.message_time.type), updated_at=now,
+        **{n: bindparam(f"b_{n}", type_=table.c[n].type) for n in names})
+    conn.execute(stmt, [{"b_id": r.row_id, "b_fact": r.data, "b_hash": r.digest, "b_uid": r.uid, "b_when": r.when,
+                         **{f"b_{n}": r.columns[n] for n in names}} for r in changed])
+    return outcomes

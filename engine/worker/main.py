@@ -39,7 +39,7 @@ def load_routes(root: Path) -> RoutesConfig:
 def build_processor(root: Path, settings: Settings) -> Processor:
     """Everything a worker needs, loaded and compiled once."""
     from engine.hl7.message import Message
-    from engine.record.writer import apply
+    from engine.record.writer import apply, apply_wave
 
     project = load_project(root)  # channels, routes.yaml and mappings/, all checked
     routes = project.routes
@@ -63,9 +63,12 @@ def build_processor(root: Path, settings: Settings) -> Processor:
         result = apply(conn, mapped, message_uid=uid, received_at=received_at)
         return result.inserted + result.updated
 
+    def apply_many(conn: Any, items: list[tuple[Any, str, Any]]) -> list[int]:
+        return [r.inserted + r.updated for r in apply_wave(conn, items)]
+
     timezones = {ch.name: str(ch.config.timezone) for ch in project.channels}
     validated = frozenset(ch.name for ch in project.channels if ch.config.validation == "hl7apy")
-    return Processor(engine, Router(routes), map_message, apply_facts, timezones, validated)
+    return Processor(engine, Router(routes), map_message, apply_facts, timezones, validated, apply_many)
 
 
 def work(root: Path, settings: Settings, index: int, count: int, stop: threading.Event) -> None:

@@ -57,14 +57,18 @@ class Outcome:
 # mapping(name) -> object with .apply(message, context) ; context factory builds MapContext
 MapFn = Callable[[str, Message, dict[str, Any]], Any]
 ApplyFn = Callable[[Connection, Any, str, datetime], int]
+# several messages' mapped facts, (mapped, uid, received_at) each, of different patients -> facts written each
+WaveFn = Callable[[Connection, list[tuple[Any, str, datetime]]], list[int]]
 
 
 class Processor:
     """Everything a worker needs to process a message, built once per worker process."""
 
     def __init__(self, engine: Engine, router: Router, map_message: MapFn, apply_facts: ApplyFn,
-                 timezones: dict[str, str], validated: frozenset[str] = frozenset()) -> None:
+                 timezones: dict[str, str], validated: frozenset[str] = frozenset(),
+                 apply_wave: WaveFn | None = None) -> None:
         self.engine = engine
+        self.apply_wave = apply_wave  # None: every message is written on its own
         self.validated = validated  # channels with `validation: hl7apy`
         self.router = router
         self.map_message = map_message
@@ -77,43 +81,128 @@ class Processor:
         return self.process_batch([(uid, after)])[0]
 
     def process_batch(self, items: list[tuple[str, Callable[[Connection], None] | None]]) -> list[Outcome]:
-        """Process several messages, in order, in ONE transaction (one commit, one fsync); each in a
-        savepoint, so a permanent failure is rolled back alone and marked (its patient parked) in
-        the same transaction. A transient failure rolls back the whole batch: RetryLater.
+        """Process several messages in ONE transaction (one commit, one fsync), each patient's in order.
+
+        The batch is cut into waves: the n-th message of each patient key goes to wave n, so a wave
+        holds at most one message per patient and waves run in order. Each wave's messages are
+        parsed, routed and mapped; a permanent failure marks that message error and parks its
+        patient (its later messages, in later waves, are then held). The mapped messages of a wave
+        are written to the record together (``apply_wave``: a few statements for all of them) in a
+        savepoint; when that cannot be done (``NotBatchable``, a record error, a constraint) the
+        savepoint is rolled back and they are written one by one, each in its own savepoint, so a
+        failure is rolled back alone. A transient failure rolls back the whole batch: RetryLater.
 
         Round trips are shared by the batch: its message rows are read (and locked) with one query
-        and its parked patients with another; the status changes and events are written together at
-        the end (a message's marks are kept only once its savepoint is released, and a failed
-        message's after the rollback of its savepoint)."""
-        outcomes: list[Outcome] = []
+        and its parked patients with another; the status changes and events are written together
+        at the end."""
+        outcomes: list[Outcome | None] = [None] * len(items)
         try:
             with self.engine.begin() as conn:
                 batch = self._load(conn, [uid for uid, _ in items])
-                for uid, after in items:
-                    savepoint = conn.begin_nested()
-                    done = _Done()
-                    try:
-                        outcome = self._process(conn, uid, batch, done)
-                        savepoint.commit()
-                        batch.keep(done)
-                    except PermanentError as exc:
-                        savepoint.rollback()
-                        outcome = self._mark_failed(conn, uid, batch, exc)
-                    except DBAPIError as exc:
-                        if exc.connection_invalidated or _transient(exc):
-                            raise
-                        savepoint.rollback()  # e.g. a constraint the record refused: this message only
-                        outcome = self._mark_failed(conn, uid, batch, PermanentError("record", _short(exc)))
-                    if after is not None:
-                        after(conn)
-                    outcomes.append(outcome)
+                for wave in self._waves(items, batch):
+                    self._run_wave(conn, items, wave, batch, outcomes)
                 self._write_marks(conn, batch.marks)
         except DBAPIError as exc:
             raise RetryLater(_short(exc)) from exc
-        for (uid, _), outcome in zip(items, outcomes, strict=True):
+        done = [o for o in outcomes if o is not None]
+        assert len(done) == len(items)
+        for (uid, _), outcome in zip(items, done, strict=True):
             if outcome.status == "error":
                 log.warning("message failed", uid=uid, step=outcome.step, reason=outcome.reason[:300])
-        return outcomes
+        return done
+
+    @staticmethod
+    def _waves(items: list[tuple[str, Any]], batch: _Batch) -> list[list[int]]:
+        """Indices of ``items`` per wave: the n-th message of each patient key is in wave n."""
+        seen: dict[str, int] = {}
+        waves: list[list[int]] = []
+        for i, (uid, _) in enumerate(items):
+            key = batch.keys.get(uid, f"uid:{uid}")
+            n = seen.get(key, 0)
+            seen[key] = n + 1
+            if n == len(waves):
+                waves.append([])
+            waves[n].append(i)
+        return waves
+
+    def _run_wave(self, conn: Connection, items: list[tuple[str, Callable[[Connection], None] | None]],
+                  wave: list[int], batch: _Batch, outcomes: list[Outcome | None]) -> None:
+        ready: list[_Ready] = []
+        for i in wave:
+            uid = items[i][0]
+            done = _Done()
+            try:
+                prepared = self._prepare(uid, batch, done)
+            except PermanentError as exc:
+                outcomes[i] = self._mark_failed(conn, uid, batch, exc)
+                continue
+            if isinstance(prepared, Outcome):
+                batch.keep(done)
+                outcomes[i] = prepared
+            else:
+                prepared.index, prepared.done = i, done
+                ready.append(prepared)
+        if len(ready) > 1 and self.apply_wave is not None:
+            counts = self._write_together(conn, ready)
+            if counts is not None:
+                for r, n in zip(ready, counts, strict=True):
+                    self._finish(conn, r, batch)
+                    outcomes[r.index] = Outcome("processed", facts=n)
+                ready = []
+        for r in ready:
+            savepoint = conn.begin_nested()
+            try:
+                n = self._write_one(conn, r)
+                self._finish(conn, r, batch)
+                savepoint.commit()
+                outcomes[r.index] = Outcome("processed", facts=n)
+            except PermanentError as exc:
+                savepoint.rollback()
+                outcomes[r.index] = self._mark_failed(conn, r.uid, batch, exc)
+            except DBAPIError as exc:
+                if exc.connection_invalidated or _transient(exc):
+                    raise
+                savepoint.rollback()  # e.g. a constraint the record refused: this message only
+                outcomes[r.index] = self._mark_failed(conn, r.uid, batch, PermanentError("record", _short(exc)))
+        for i in wave:
+            after = items[i][1]
+            if after is not None:
+                after(conn)
+
+    def _write_together(self, conn: Connection, ready: list[_Ready]) -> list[int] | None:
+        """The wave's record writes in one go, or None (rolled back) when they must go one by one."""
+        assert self.apply_wave is not None
+        savepoint = conn.begin_nested()
+        try:
+            counts = self.apply_wave(conn, [(r.mapped, r.uid, r.row.received_at) for r in ready])
+            savepoint.commit()
+            return counts
+        except RetryLater:
+            raise
+        except EngineError:  # not batchable, or a message the record refuses: one by one says which
+            savepoint.rollback()
+        except DBAPIError as exc:
+            if exc.connection_invalidated or _transient(exc):
+                raise
+            savepoint.rollback()  # e.g. another worker created one of the patients meanwhile
+        return None
+
+    def _write_one(self, conn: Connection, r: _Ready) -> int:
+        try:
+            return self.apply_facts(conn, r.mapped, r.uid, r.row.received_at)
+        except (DBAPIError, RetryLater):
+            raise
+        except EngineError as exc:
+            raise PermanentError("record", str(exc)) from None
+
+    @staticmethod
+    def _finish(conn: Connection, r: _Ready, batch: _Batch) -> None:
+        """Mark a written message processed; a replayed message that had parked its patient releases it."""
+        if r.key is not None and r.key in batch.parked:
+            conn.execute(delete(parked_patients).where(parked_patients.c.patient_key == r.key))
+            r.done.released = r.key
+        r.done.mark(r.row.id, r.uid, "processed", "", None, datetime.now(UTC))
+        batch.keep(r.done)
 
     def _load(self, conn: Connection, uids: list[str]) -> _Batch:
         """The batch's message rows (locked on PostgreSQL), parsed, and the parked state of their patients."""
@@ -149,7 +238,9 @@ class Processor:
                 batch.parked[r.patient_key] = r.message_uid
         return batch
 
-    def _process(self, conn: Connection, uid: str, batch: _Batch, done: _Done) -> Outcome:
+    def _prepare(self, uid: str, batch: _Batch, done: _Done) -> Outcome | _Ready:
+        """Everything before the record write (no writes): the outcome when there is nothing to
+        write, else what to write. A permanent failure raises PermanentError."""
         row = batch.rows.get(uid)
         if row is None:
             return Outcome("missing")
@@ -190,17 +281,7 @@ class Processor:
             raise
         except EngineError as exc:
             raise PermanentError("map", str(exc)) from None
-        try:
-            facts = self.apply_facts(conn, mapped, uid, row.received_at)
-        except (DBAPIError, RetryLater):
-            raise
-        except EngineError as exc:
-            raise PermanentError("record", str(exc)) from None
-        if key is not None and key in batch.parked:  # a replayed message that had parked its patient releases it
-            conn.execute(delete(parked_patients).where(parked_patients.c.patient_key == key))
-            done.released = key
-        done.mark(row.id, uid, "processed", "", None, now)
-        return Outcome("processed", facts=facts)
+        return _Ready(uid, row, mapped, key)
 
     def _mark_failed(self, conn: Connection, uid: str, batch: _Batch, exc: PermanentError) -> Outcome:
         """Mark the message error and park its patient (in the caller's transaction)."""
@@ -246,6 +327,18 @@ class _Done:
     def mark(self, message_id: int, uid: str, status: str, step: str, reason: str | None, now: datetime) -> None:
         self.marks.append({"b_id": message_id, "b_uid": uid, "b_status": status, "b_step": step or None,
                            "b_error": reason, "b_at": now})
+
+
+@dataclass(slots=True, eq=False)
+class _Ready:
+    """A message mapped and ready for the record write."""
+
+    uid: str
+    row: Any
+    mapped: Any
+    key: str | None
+    index: int = 0
+    done: _Done = field(default_factory=_Done)
 
 
 @dataclass(slots=True)
