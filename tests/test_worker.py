@@ -333,3 +333,33 @@ def test_a_wave_that_cannot_be_written_together_is_written_one_by_one(url: str) 
     assert statuses(p.engine)["W5"] == "error"
     with p.engine.connect() as conn:
         assert conn.execute(select(parked_patients.c.message_uid)).scalars().all() == [uids[4]]
+
+
+def test_mapping_runs_outside_the_write_transaction(tmp_path: Path) -> None:
+    """On SQLite the worker's write transaction holds the database's write lock, which the receiving
+    path needs to make messages durable: the batch is parsed, routed and mapped before it begins."""
+    import sqlite3
+
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    db.upgrade(url)
+    uids = store(url, [oru(f"L{i}", f"P{i}") for i in range(5)])
+    fake = FakeRecord()
+    lock_free: list[bool] = []
+    real_map = fake.map
+
+    def map_and_probe(name: str, msg: Message, ctx: dict[str, Any]) -> tuple[str, str, str]:
+        probe = sqlite3.connect(str(tmp_path / "store.db"), timeout=0, isolation_level=None)
+        try:
+            probe.execute("BEGIN IMMEDIATE")
+            probe.execute("ROLLBACK")
+            lock_free.append(True)
+        except sqlite3.OperationalError:
+            lock_free.append(False)
+        finally:
+            probe.close()
+        return real_map(name, msg, ctx)
+
+    fake.map = map_and_probe  # type: ignore[method-assign]
+    p = processor(url, fake)
+    assert [o.status for o in p.process_batch([(u, None) for u in uids])] == ["processed"] * 5
+    assert lock_free == [True] * 5

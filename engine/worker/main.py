@@ -68,7 +68,9 @@ def build_processor(root: Path, settings: Settings) -> Processor:
 
     timezones = {ch.name: str(ch.config.timezone) for ch in project.channels}
     validated = frozenset(ch.name for ch in project.channels if ch.config.validation == "hl7apy")
-    return Processor(engine, Router(routes), map_message, apply_facts, timezones, validated, apply_many)
+    # on SQLite, reads before the write transaction go through an engine that does not take the write lock
+    reader = db.make_engine(url, pool_size=1) if db.is_sqlite(url) else None
+    return Processor(engine, Router(routes), map_message, apply_facts, timezones, validated, apply_many, reader)
 
 
 def work(root: Path, settings: Settings, index: int, count: int, stop: threading.Event) -> None:

@@ -33,6 +33,7 @@ from engine.worker.validate import ValidationFailed, validate
 log = get_logger("engine.worker")
 
 FINAL = ("processed", "filtered", "duplicate")
+FILTERED = object()  # what _route_and_map returns when no route matched and the default is filter
 
 
 class RetryLater(EngineError):
@@ -66,8 +67,10 @@ class Processor:
 
     def __init__(self, engine: Engine, router: Router, map_message: MapFn, apply_facts: ApplyFn,
                  timezones: dict[str, str], validated: frozenset[str] = frozenset(),
-                 apply_wave: WaveFn | None = None) -> None:
+                 apply_wave: WaveFn | None = None, reader: Engine | None = None) -> None:
         self.engine = engine
+        # reads before the write transaction; on SQLite an engine without BEGIN IMMEDIATE
+        self.reader = reader if reader is not None else engine
         self.apply_wave = apply_wave  # None: every message is written on its own
         self.validated = validated  # channels with `validation: hl7apy`
         self.router = router
@@ -96,9 +99,11 @@ class Processor:
         and its parked patients with another; the status changes and events are written together
         at the end."""
         outcomes: list[Outcome | None] = [None] * len(items)
+        uids = [uid for uid, _ in items]
         try:
+            pre = self._premap(uids)
             with self.engine.begin() as conn:
-                batch = self._load(conn, [uid for uid, _ in items])
+                batch = self._load(conn, uids, pre)
                 for wave in self._waves(items, batch):
                     self._run_wave(conn, items, wave, batch, outcomes)
                 self._write_marks(conn, batch.marks)
@@ -204,9 +209,9 @@ class Processor:
         r.done.mark(r.row.id, r.uid, "processed", "", None, datetime.now(UTC))
         batch.keep(r.done)
 
-    def _load(self, conn: Connection, uids: list[str]) -> _Batch:
-        """The batch's message rows (locked on PostgreSQL), parsed, and the parked state of their patients."""
-        batch = _Batch()
+    @staticmethod
+    def _rows(conn: Connection, uids: list[str], *, lock: bool) -> list[Any]:
+        rows: list[Any] = []
         wanted = sorted(set(uids))
         for start in range(0, len(wanted), CHUNK):
             q = select(messages.c.id, messages.c.uid, messages.c.channel, messages.c.raw, messages.c.charset,
@@ -214,20 +219,58 @@ class Processor:
                        messages.c.message_type, messages.c.trigger_event, messages.c.structure,
                        messages.c.version, messages.c.received_at
                        ).where(messages.c.uid.in_(wanted[start:start + CHUNK])).order_by(messages.c.id)
-            if conn.dialect.name == "postgresql":
+            if lock and conn.dialect.name == "postgresql":
                 q = q.with_for_update()
-            for row in conn.execute(q):
-                batch.rows[row.uid] = row
-                batch.status[row.uid] = row.status
-        for uid, row in batch.rows.items():
+            rows += conn.execute(q).all()
+        return rows
+
+    def _premap(self, uids: list[str]) -> dict[str, tuple[Message | HL7Error, Any]]:
+        """Before the write transaction (on SQLite it holds the database's write lock, which the
+        receiving path needs too): read the batch's messages without locking them, then parse,
+        route and map them, the CPU-heavy part. The transaction reads them again (locked) and
+        decides their outcome; raw text, channel and header never change, so the mapping holds."""
+        with self.reader.connect() as conn:
+            rows = self._rows(conn, uids, lock=False)
+        pre: dict[str, tuple[Message | HL7Error, Any]] = {}
+        for row in rows:
             if row.status in FINAL:
                 continue
             try:
                 msg = Message.parse(decode(row.raw, row.charset or "utf-8"))
             except HL7Error as exc:
-                batch.parsed[uid] = exc
+                pre[row.uid] = (exc, None)
                 continue
-            batch.parsed[uid] = msg
+            try:
+                pre[row.uid] = (msg, self._route_and_map(row, msg))
+            except PermanentError as exc:
+                pre[row.uid] = (msg, exc)
+        return pre
+
+    def _load(self, conn: Connection, uids: list[str], pre: dict[str, tuple[Message | HL7Error, Any]]) -> _Batch:
+        """The batch's message rows (locked on PostgreSQL), parsed (and mapped, when ``pre`` has them)
+        and the parked state of their patients."""
+        batch = _Batch()
+        for row in self._rows(conn, uids, lock=True):
+            batch.rows[row.uid] = row
+            batch.status[row.uid] = row.status
+        for uid, row in batch.rows.items():
+            if row.status in FINAL:
+                continue
+            if uid in pre:
+                parsed, result = pre[uid]
+                batch.parsed[uid] = parsed
+                if result is not None:
+                    batch.mapped[uid] = result
+                if isinstance(parsed, HL7Error):
+                    continue
+                msg = parsed
+            else:
+                try:
+                    msg = Message.parse(decode(row.raw, row.charset or "utf-8"))
+                except HL7Error as exc:
+                    batch.parsed[uid] = exc
+                    continue
+                batch.parsed[uid] = msg
             key = patient_key(msg, row.sending_facility or "")
             if key is not None:
                 batch.keys[uid] = key
@@ -258,6 +301,17 @@ class Processor:
                 reason = f"held: an earlier message of this patient ({parked}) failed; replay or skip it"
                 done.mark(row.id, uid, "held", "order", reason, now)
                 return Outcome("held", "order", reason)
+        result = batch.mapped[uid] if uid in batch.mapped else self._route_and_map(row, msg)
+        if isinstance(result, PermanentError):
+            raise result
+        if result is FILTERED:
+            done.mark(row.id, uid, "filtered", "route", "no route matched", now)
+            return Outcome("filtered", "route", "no route matched")
+        return _Ready(uid, row, result, key)
+
+    def _route_and_map(self, row: Any, msg: Message) -> Any:
+        """Validate (when the channel asks), route and map a message: no database access. Returns the
+        mapped facts or FILTERED; a permanent failure raises PermanentError."""
         if row.channel in self.validated:
             try:
                 validate(decode(row.raw, row.charset or "utf-8"))
@@ -267,8 +321,7 @@ class Processor:
                                              row.structure or "", row.sending_facility or "", row.version or ""))
         if route is None:
             if self.router.default == "filter":
-                done.mark(row.id, uid, "filtered", "route", "no route matched", now)
-                return Outcome("filtered", "route", "no route matched")
+                return FILTERED
             raise PermanentError("route", f"no route matches {row.message_type}^{row.trigger_event} "
                                           f"from channel {row.channel!r}")
         label = f"{row.message_type}^{row.trigger_event}" if row.trigger_event else (row.message_type or "")
@@ -276,12 +329,11 @@ class Processor:
                    "control_id": row.control_id or "", "sending_facility": row.sending_facility or "",
                    "message_type": label}
         try:
-            mapped = self.map_message(route.mapping, msg, context)
+            return self.map_message(route.mapping, msg, context)
         except RetryLater:
             raise
         except EngineError as exc:
             raise PermanentError("map", str(exc)) from None
-        return _Ready(uid, row, mapped, key)
 
     def _mark_failed(self, conn: Connection, uid: str, batch: _Batch, exc: PermanentError) -> Outcome:
         """Mark the message error and park its patient (in the caller's transaction)."""
@@ -346,6 +398,7 @@ class _Batch:
     rows: dict[str, Any] = field(default_factory=dict)  # uid -> message row
     status: dict[str, str] = field(default_factory=dict)  # uid -> status, as the batch changed it
     parsed: dict[str, Message | HL7Error] = field(default_factory=dict)
+    mapped: dict[str, Any] = field(default_factory=dict)  # uid -> mapped facts, FILTERED or PermanentError
     keys: dict[str, str] = field(default_factory=dict)  # uid -> patient key
     parked: dict[str, str] = field(default_factory=dict)  # patient key -> uid of the message that parked it
     marks: list[dict[str, Any]] = field(default_factory=list)
