@@ -32,8 +32,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 from pydantic import BaseModel
-from sqlalchemy import Connection, Table, and_, bindparam, insert, literal, or_, select, tuple_, union_all, update
+from sqlalchemy import JSON, Connection, Table, and_, bindparam, insert, literal, or_, select, tuple_, union_all, update
 from sqlalchemy.exc import IntegrityError
 
 from engine.errors import EngineError
@@ -47,6 +48,7 @@ from engine.record.models import (
     rec_patient_links,
     rec_patients,
 )
+from engine.store.db import json_text
 
 ASSIGNER_PREFIX = "assigner:"
 NAMESPACE_LENGTH, VALUE_LENGTH = 300, 250  # rec_patient_identifiers.namespace, .value
@@ -253,12 +255,31 @@ def apply_wave(conn: Connection, items: list[tuple[F.MappedMessage, str, datetim
                     replacements.append(Replacement(int(row.id), data, digest, columns, row, uid, when[i]))
                     owners.append(i)
         if new_rows:
-            conn.execute(insert(table), new_rows)
+            bulk_insert(conn, table, new_rows)
         for i, outcome in zip(owners, replace_many(conn, table, kind, replacements, now), strict=True):
             results[i].add(kind, outcome)
     for i, result in enumerate(results):
         result.patient_id = pids[i]
     return results
+
+
+COPY_FROM = 20  # rows from which PostgreSQL gets them by COPY rather than by INSERT
+
+
+def bulk_insert(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
+    """Insert rows (all with the same keys) in the caller's transaction: on PostgreSQL with COPY when
+    there are many (a third of the time of a pipelined INSERT per row), else one executemany INSERT."""
+    if conn.dialect.name != "postgresql" or len(rows) < COPY_FROM:
+        conn.execute(insert(table), rows)
+        return
+    names = list(rows[0])
+    json_columns = {n for n in names if isinstance(table.c[n].type, JSON)}
+    raw = conn.connection.driver_connection
+    assert raw is not None
+    columns = ", ".join(f'"{n}"' for n in names)
+    with raw.cursor() as cur, cur.copy(f'COPY "{table.name}" ({columns}) FROM STDIN') as copy:
+        for row in rows:
+            copy.write_row([json_text(row[n]) if n in json_columns else row[n] for n in names])
 
 
 def _id(pid: int | None) -> int:
@@ -283,10 +304,20 @@ def db_key(key: str) -> str:
 
 
 def dump(fact: BaseModel) -> tuple[dict[str, Any], str]:
-    """The fact as JSON-ready data and the SHA-256 of its canonical text (the idempotence test)."""
+    """The fact as JSON-ready data and the SHA-256 of its canonical text (the idempotence test).
+
+    Canonical text: keys sorted, no spaces, UTF-8 — ``json.dumps(data, sort_keys=True,
+    separators=(",", ":"), ensure_ascii=False)``, which orjson produces byte for byte (ten times
+    faster) for fact data, which holds no floats (quantities are decimal strings)."""
     data: dict[str, Any] = fact.model_dump(mode="json")
-    text = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return data, hashlib.sha256(text.encode()).hexdigest()
+    return data, hashlib.sha256(canonical(data)).hexdigest()
+
+
+def canonical(data: Any) -> bytes:
+    try:
+        return orjson.dumps(data, option=orjson.OPT_SORT_KEYS)
+    except (TypeError, orjson.JSONEncodeError):  # e.g. an integer beyond 64 bits
+        return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def _utc(dt: datetime) -> datetime:

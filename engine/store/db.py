@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
+import orjson
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event, make_url
@@ -24,7 +26,7 @@ def make_engine(url: str, *, pool_size: int = 5, writer: bool = False) -> Engine
             Path(u.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(
             u, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=pool_size,
-            max_overflow=4, pool_pre_ping=False,
+            max_overflow=4, pool_pre_ping=False, json_serializer=json_text,
         )
         begin = "BEGIN IMMEDIATE" if writer else "BEGIN"
 
@@ -49,8 +51,16 @@ def make_engine(url: str, *, pool_size: int = 5, writer: bool = False) -> Engine
         connect_args = {"connect_timeout": 3}
     return create_engine(
         u, pool_size=pool_size, max_overflow=4, pool_pre_ping=True, pool_recycle=1800,
-        connect_args=connect_args,
+        connect_args=connect_args, json_serializer=json_text,
     )
+
+
+def json_text(value: Any) -> str:
+    """JSON columns' serializer: orjson (the record's facts are its main JSON), json for what it refuses."""
+    try:
+        return orjson.dumps(value).decode()
+    except (TypeError, orjson.JSONEncodeError):
+        return json.dumps(value)
 
 
 def alembic_config(url: str) -> Config:
