@@ -303,3 +303,33 @@ def test_canonical_text_is_json_dumps_byte_for_byte(corpus: list[Any]) -> None:
     cyrillic = {"names": [{"family": "Иванова", "given": ["Анна"]}], "n": 2**70, "e": "\u2028 \x00"}
     assert canonical(cyrillic) == json.dumps(cyrillic, sort_keys=True, separators=(",", ":"),
                                              ensure_ascii=False).encode()
+
+
+def test_sqlite_lookups_search_the_indexes(tmp_path: Any) -> None:
+    """A wave's lookups of identifiers and stored facts must be index searches: a row-value
+    ``(a, b) IN (VALUES ...)`` made SQLite scan a whole index per wave, slower as the record grew."""
+    from sqlalchemy import event
+
+    url = f"sqlite:///{tmp_path / 'plan.db'}"
+    db.upgrade(url)
+    engine = db.make_engine(url, writer=True)
+    items = [(lab_message(ident(f"MRN-{i}"), minutes=i), f"m{i}") for i in range(30)]
+    with engine.begin() as conn:
+        apply_wave(conn, [(m, uid, T0) for m, uid in items])
+    selects: list[tuple[str, Any]] = []
+
+    def keep(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        if statement.lstrip().upper().startswith("SELECT"):
+            selects.append((statement, parameters))
+
+    event.listen(engine, "before_cursor_execute", keep)
+    with engine.begin() as conn:  # known patients: identifiers and every kind of fact are looked up
+        apply_wave(conn, [(m, f"again-{uid}", T0) for m, uid in items])
+    event.remove(engine, "before_cursor_execute", keep)
+    assert len(selects) >= 4
+    with engine.connect() as conn:
+        for statement, parameters in selects:
+            plan = [r[3] for r in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", parameters)]
+            scans = [step for step in plan if step.startswith("SCAN rec_")]
+            assert not scans, (statement[:120], plan)
+    engine.dispose()

@@ -34,7 +34,7 @@ from typing import Any
 
 import orjson
 from pydantic import BaseModel
-from sqlalchemy import JSON, Connection, Table, and_, bindparam, insert, literal, or_, select, tuple_, union_all, update
+from sqlalchemy import JSON, Connection, Table, and_, bindparam, insert, literal, or_, select, union_all, update
 from sqlalchemy.exc import IntegrityError
 
 from engine.errors import EngineError
@@ -177,8 +177,10 @@ def apply_wave(conn: Connection, items: list[tuple[F.MappedMessage, str, datetim
         chunk = all_keys[start:start + CHUNK]
         rows = conn.execute(select(t.c.namespace, t.c.value, t.c.patient_id, p.c.content_hash, p.c.message_time,
                                    linked.label("linked")).join(p, p.c.id == t.c.patient_id)
-                            .where(tuple_(t.c.namespace, t.c.value).in_(chunk))).all()
+                            .where(_pairs(t.c.namespace, t.c.value, chunk))).all()
         for r in rows:
+            if (r.namespace, r.value) not in owner:
+                continue
             if r.linked:
                 raise NotBatchable("a patient in a merge link")
             found[(r.namespace, r.value)] = r
@@ -235,8 +237,8 @@ def apply_wave(conn: Connection, items: list[tuple[F.MappedMessage, str, datetim
             pairs = lookups[start:start + CHUNK]
             for r in conn.execute(select(table.c.id, table.c.patient_id, table.c.key, table.c.content_hash,
                                          table.c.message_time)
-                                  .where(tuple_(table.c.patient_id, table.c.key).in_(pairs))).all():
-                existing[(int(r.patient_id), r.key)] = r
+                                  .where(_pairs(table.c.patient_id, table.c.key, pairs))).all():
+                existing[(int(r.patient_id), r.key)] = r  # a superset of the pairs: the extra ones unused
         new_rows: list[dict[str, Any]] = []
         replacements: list[Replacement] = []
         owners: list[int] = []
@@ -261,6 +263,13 @@ def apply_wave(conn: Connection, items: list[tuple[F.MappedMessage, str, datetim
     for i, result in enumerate(results):
         result.patient_id = pids[i]
     return results
+
+
+def _pairs(a: Any, b: Any, pairs: list[tuple[Any, Any]]) -> Any:
+    """A condition that holds for these (a, b) pairs, and possibly for a few more (the caller drops
+    them): ``a IN (...) AND b IN (...)``. Both databases answer it from the unique (a, b) index,
+    while SQLite answers a row-value ``(a, b) IN (VALUES ...)`` by scanning the whole index."""
+    return and_(a.in_(sorted({x for x, _ in pairs})), b.in_(sorted({y for _, y in pairs})))
 
 
 COPY_FROM = 20  # rows from which PostgreSQL gets them by COPY rather than by INSERT
