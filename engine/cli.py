@@ -138,6 +138,17 @@ def work(
     settings = _settings()
     _setup_logging(settings)
     _load(config)
+    if settings.http_port:  # the workers' metrics (engine/worker/metrics.py)
+        from prometheus_client import start_http_server
+
+        try:
+            start_http_server(settings.http_port)
+        except OSError as exc:  # e.g. a listener on the same host has the port: work on without metrics
+            from engine.observe import get_logger
+
+            get_logger("engine.worker").warning(
+                "worker metrics not served", port=settings.http_port, error=str(exc)[:200],
+                fix="give each process on a host its own HL7ENGINE_HTTP_PORT (0: none)")
     try:
         serve_workers(config, settings, workers)
     except EngineError as exc:

@@ -125,6 +125,21 @@ def test_corpus_into_the_record(backend: Backend, engine_factory: Any, corpus: l
         assert keys <= stored, (r.control_id, sorted(keys - stored)[:5])
     assert expected > 100 and patients > 10
 
+    # the workers' metrics, on the engine's /metrics, agree with the store
+    by_status = {status: sum(1 for r in rows if r.status == status) for status in ("processed", "filtered", "error")}
+    deadline = time.time() + 10
+    while True:
+        samples = scrape(http)
+        counted = {status: samples.get(("hl7engine_worker_messages_total", status), 0)
+                   for status in ("processed", "filtered", "error")}
+        if counted == by_status or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    assert counted == by_status
+    assert samples[("hl7engine_workers", "")] == 2
+    assert samples[("hl7engine_worker_facts_total", "")] >= expected
+    assert samples[("hl7engine_worker_commit_latency_seconds_count", "")] == by_status["processed"]
+
     # readable as FHIR R4 over HTTP
     with urllib.request.urlopen(f"http://127.0.0.1:{http}/fhir/Observation?_count=5", timeout=10) as resp:
         bundle = json.loads(resp.read())
@@ -144,6 +159,20 @@ def lab(cid: str, when: str, patient: str, name: str, status: str, value: str, m
             f"PID|1||{patient}^^^MINSKLAB^MR||{name}||19800101|F\r"
             f"OBR|1|ORD77|FIL77^MINSKLAB|2345-7^Glucose^LN|||{when}+0300||||||||||||||||||{status}\r"
             f"OBX|1|NM|2345-7^Glucose^LN||{value}|mmol/L^mmol/L^UCUM|3.9-6.1|N|||{status}|||{when}+0300\r")
+
+
+def scrape(http: int) -> dict[tuple[str, str], float]:
+    """The engine's /metrics as {(sample name, status label or ""): value}, summed over other labels."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{http}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    out: dict[tuple[str, str], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            key = (sample.name, sample.labels.get("status", ""))
+            out[key] = out.get(key, 0) + sample.value
+    return out
 
 
 def get(http: int, path: str) -> Any:

@@ -8,8 +8,10 @@ RabbitMQ delivery is redelivered to the next worker), then exits.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from engine.errors import ConfigError, Problem
 from engine.observe import configure_logging, get_logger, tune_gc
 from engine.settings import Settings
 from engine.store import db
+from engine.worker.metrics import WORKERS, Reporter
 from engine.worker.processor import Processor
 from engine.worker.router import Router
 
@@ -73,11 +76,14 @@ def build_processor(root: Path, settings: Settings) -> Processor:
     return Processor(engine, Router(routes), map_message, apply_facts, timezones, validated, apply_many, reader)
 
 
-def work(root: Path, settings: Settings, index: int, count: int, stop: threading.Event) -> None:
-    """One worker process's loop."""
+def work(root: Path, settings: Settings, index: int, count: int, stop: threading.Event,
+         reports: Any = None) -> None:
+    """One worker process's loop; its metrics go to ``reports`` (the parent's queue), if given."""
     from engine.worker.sources import run_db_queue, run_rabbit
 
     processor = build_processor(root, settings)
+    processor.reporter = Reporter(reports, f"{os.getpid()}-{time.time_ns()}")
+    processor.reporter.start()
     tune_gc()
     log.info("worker started", index=index, of=count, queue="rabbitmq" if settings.broker_url else "database")
     try:
@@ -87,28 +93,48 @@ def work(root: Path, settings: Settings, index: int, count: int, stop: threading
         else:
             run_db_queue(processor, processor.engine, stop, index=index, count=count)
     finally:
+        processor.reporter.stop()
         processor.engine.dispose()
         log.info("worker stopped", index=index)
 
 
-def _child(root: str, settings: dict[str, Any], index: int, count: int) -> None:
+def _child(root: str, settings: dict[str, Any], index: int, count: int, reports: Any = None) -> None:
     s = Settings(**settings)
     configure_logging(s.log_level, s.log_format)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    work(Path(root), s, index, count, stop)
+    work(Path(root), s, index, count, stop, reports)
 
 
 def start_workers(root: Path, settings: Settings, count: int) -> list[multiprocessing.process.BaseProcess]:
     """Start ``count`` worker processes (spawned: nothing of the parent's state is shared)."""
     ctx = multiprocessing.get_context("spawn")
+    reports = worker_reports()
     procs: list[multiprocessing.process.BaseProcess] = []
     for i in range(count):
-        p = ctx.Process(target=_child, args=(str(root), settings.model_dump(), i, count), name=f"hl7engine-worker-{i}")
+        p = ctx.Process(target=_child, args=(str(root), settings.model_dump(), i, count, reports),
+                        name=f"hl7engine-worker-{i}")
         p.start()
         procs.append(p)
     return procs
+
+
+_reports: Any = None
+
+
+def worker_reports() -> Any:
+    """The queue on which this process's workers report their metrics; the first call creates it,
+    registers the workers' metrics with this process's /metrics and starts reading reports."""
+    global _reports
+    if _reports is None:
+        from prometheus_client import REGISTRY
+
+        _reports = multiprocessing.get_context("spawn").Queue(maxsize=10_000)
+        REGISTRY.register(WORKERS)
+        threading.Thread(target=WORKERS.drain, args=(_reports, threading.Event()), name="worker-reports",
+                         daemon=True).start()
+    return _reports
 
 
 def stop_workers(procs: list[multiprocessing.process.BaseProcess], timeout: float = 30) -> None:
@@ -135,8 +161,8 @@ def serve_workers(root: Path, settings: Settings, count: int) -> None:
                 if not p.is_alive():
                     log.warning("worker exited; starting a new one", index=i, exitcode=p.exitcode)
                     ctx = multiprocessing.get_context("spawn")
-                    procs[i] = ctx.Process(target=_child, args=(str(root), settings.model_dump(), i, count),
-                                           name=f"hl7engine-worker-{i}")
+                    procs[i] = ctx.Process(target=_child, args=(str(root), settings.model_dump(), i, count,
+                                                                worker_reports()), name=f"hl7engine-worker-{i}")
                     procs[i].start()
     finally:
         stop_workers(procs)

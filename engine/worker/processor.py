@@ -14,6 +14,7 @@ marked, the source retries with backoff.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -27,6 +28,7 @@ from engine.hl7.charsets import decode
 from engine.hl7.message import Message
 from engine.observe import get_logger
 from engine.store.schema import message_events, messages, parked_patients
+from engine.worker.metrics import Reporter
 from engine.worker.router import MessageKey, Router
 from engine.worker.validate import ValidationFailed, validate
 
@@ -72,6 +74,7 @@ class Processor:
         # reads before the write transaction; on SQLite an engine without BEGIN IMMEDIATE
         self.reader = reader if reader is not None else engine
         self.apply_wave = apply_wave  # None: every message is written on its own
+        self.reporter: Reporter | None = None  # worker metrics (engine.worker.metrics)
         self.validated = validated  # channels with `validation: hl7apy`
         self.router = router
         self.map_message = map_message
@@ -100,6 +103,7 @@ class Processor:
         at the end."""
         outcomes: list[Outcome | None] = [None] * len(items)
         uids = [uid for uid, _ in items]
+        started = time.perf_counter()
         try:
             pre = self._premap(uids)
             with self.engine.begin() as conn:
@@ -108,12 +112,27 @@ class Processor:
                     self._run_wave(conn, items, wave, batch, outcomes)
                 self._write_marks(conn, batch.marks)
         except DBAPIError as exc:
+            if self.reporter is not None:
+                self.reporter.retry()
             raise RetryLater(_short(exc)) from exc
+        except RetryLater:
+            if self.reporter is not None:
+                self.reporter.retry()
+            raise
+        committed = datetime.now(UTC)
         done = [o for o in outcomes if o is not None]
         assert len(done) == len(items)
         for (uid, _), outcome in zip(items, done, strict=True):
             if outcome.status == "error":
                 log.warning("message failed", uid=uid, step=outcome.step, reason=outcome.reason[:300])
+            if self.reporter is not None:
+                row = batch.rows.get(uid)
+                latency = None
+                if outcome.status == "processed" and row is not None and row.received_at is not None:
+                    latency = max(0.0, (committed - _aware(row.received_at)).total_seconds())
+                self.reporter.outcome(outcome.status, outcome.step, outcome.facts, latency)
+        if self.reporter is not None:
+            self.reporter.batch(time.perf_counter() - started)
         return done
 
     @staticmethod
@@ -432,6 +451,10 @@ def _transient(exc: DBAPIError) -> bool:
         return True
     text = str(exc.orig).lower()
     return "database is locked" in text or "deadlock" in text
+
+
+def _aware(at: datetime) -> datetime:
+    return at.replace(tzinfo=UTC) if at.tzinfo is None else at
 
 
 def _short(exc: BaseException) -> str:
