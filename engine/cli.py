@@ -388,6 +388,36 @@ def messages_skip(
     _release(config, message_id, skip=True)
 
 
+@messages_app.command("requeue")
+def messages_requeue(
+    older_than: Annotated[str, typer.Option("--older-than", help="waiting since at least this long "
+                                            "(e.g. 30m, 2h, 1d)")] = "1h",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="only count them")] = False,
+    config: ConfigDir = Path("."),
+) -> None:
+    """Queue again the messages still waiting (queued/replayed) whose queue entry was lost: after
+    the broker lost its data or a queue was deleted. A message queued twice is processed once."""
+    from datetime import timedelta
+
+    from engine.config.models import parse_duration
+    from engine.worker.replay import requeue_stuck
+
+    try:
+        seconds = parse_duration(older_than)
+    except ValueError as exc:
+        _fail(f"--older-than: {exc}")
+    engine = _store_engine(config)
+    try:
+        ids = requeue_stuck(engine, _settings(), older_than=timedelta(seconds=seconds), dry_run=dry_run)
+    except EngineError as exc:
+        _fail(str(exc))
+    finally:
+        engine.dispose()
+    verb = "would queue again" if dry_run else "queued again"
+    typer.echo(f"{verb} {len(ids)} message(s) waiting for more than {older_than}"
+               + (f" (ids {ids[0]}..{ids[-1]})" if ids else ""))
+
+
 def _release(config: Path, message_id: int, *, skip: bool) -> None:
     from engine.worker.replay import release
 

@@ -475,3 +475,14 @@ def test_messages_after_db_current_on_a_fresh_directory(tmp_path: Path) -> None:
     result = hl7engine("messages", "--config", str(tmp_path), env=env)
     assert result.returncode == 1, result
     assert "Traceback" not in result.stderr and "OperationalError" not in result.stderr, result.stderr
+
+
+def test_messages_requeue_counts_and_checks_its_option(populated: tuple[RunningEngine, dict[str, str]]) -> None:
+    eng, _ = populated
+    result = messages(eng, "requeue", "--older-than", "0s", "--dry-run")
+    assert result.returncode == 0, result
+    # embedded: every queued message still has its queue entry; RabbitMQ: every queued one is counted
+    expected = 0 if "HL7ENGINE_BROKER_URL" not in eng.env else len(json_rows(eng, "--status", "queued"))
+    assert result.stdout.startswith(f"would queue again {expected} message(s) waiting for more than 0s"), result
+    bad = messages(eng, "requeue", "--older-than", "soon")
+    assert bad.returncode == 1 and "--older-than: expected a duration" in bad.stderr

@@ -363,3 +363,52 @@ def test_mapping_runs_outside_the_write_transaction(tmp_path: Path) -> None:
     p = processor(url, fake)
     assert [o.status for o in p.process_batch([(u, None) for u in uids])] == ["processed"] * 5
     assert lock_free == [True] * 5
+
+
+def test_requeue_stuck_embedded_restores_lost_queue_entries(tmp_path: Path) -> None:
+    """Messages whose queue entries were lost (e.g. the queue restored from an older backup) wait
+    forever; requeue finds those waiting longer than asked and without an entry, and queues them again."""
+    from engine.worker.replay import requeue_stuck
+
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    db.upgrade(url)
+    uids = store(url, [oru(f"Q{i}", f"P{i % 3}") for i in range(6)])
+    engine = db.make_engine(url, writer=True)
+    with engine.begin() as conn:
+        conn.execute(queue_entries.delete().where(queue_entries.c.message_uid.in_(uids[:4])))
+    assert requeue_stuck(engine, Settings(), older_than=timedelta(hours=1)) == []  # not waiting long enough
+    found = requeue_stuck(engine, Settings(), older_than=timedelta(0), dry_run=True)
+    assert len(found) == 4
+    assert requeue_stuck(engine, Settings(), older_than=timedelta(0)) == found
+    assert requeue_stuck(engine, Settings(), older_than=timedelta(0)) == []  # they have entries again
+    fake = FakeRecord()
+    drain(processor(url, fake))
+    assert set(statuses(engine).values()) == {"processed"}
+    assert sorted(c for cids in fake.applied.values() for c in cids) == sorted(f"Q{i}" for i in range(6))
+    engine.dispose()
+
+
+def test_requeue_stuck_rabbitmq_publishes_again(postgres_url: str, rabbitmq_url: str, queue_name: str) -> None:
+    """The broker lost its messages: requeue publishes every long-waiting message to its partition
+    queue again and the workers process them; a second requeue of processed messages finds none."""
+    from engine.worker.replay import requeue_stuck
+    from engine.worker.sources import run_rabbit
+
+    db.upgrade(postgres_url)
+    store(postgres_url, [oru(f"R{i}", f"P{i % 4}") for i in range(8)])  # rows queued, never published
+    settings = Settings(database_url=postgres_url, broker_url=rabbitmq_url, queue_name=queue_name)
+    engine = db.make_engine(postgres_url)
+    assert len(requeue_stuck(engine, settings, older_than=timedelta(0))) == 8
+    fake = FakeRecord()
+    p = processor(postgres_url, fake)
+    stop = threading.Event()
+    t = threading.Thread(target=run_rabbit, args=(p, p.engine, rabbitmq_url, queue_name, list(range(8)), stop))
+    t.start()
+    deadline = time.time() + 60
+    while time.time() < deadline and set(statuses(engine).values()) != {"processed"}:
+        time.sleep(0.2)
+    stop.set()
+    t.join(30)
+    assert set(statuses(engine).values()) == {"processed"}
+    assert requeue_stuck(engine, settings, older_than=timedelta(0)) == []
+    engine.dispose()

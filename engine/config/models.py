@@ -34,6 +34,13 @@ def _duration(value: object) -> object:
     return value
 
 
+def parse_duration(text: str) -> float:
+    """Seconds in ``30s``, ``5m``, ``1h``, ``250ms`` or a number of seconds; ValueError otherwise."""
+    value = _duration(text)
+    assert isinstance(value, float)
+    return value
+
+
 def _size(value: object) -> object:
     """``1MiB``, ``512KiB``, ``2MB`` or a number of bytes."""
     if isinstance(value, bool):

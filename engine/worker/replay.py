@@ -8,13 +8,18 @@
 
 Queued again means: a ``queue_entries`` row (embedded) or a persistent, confirmed publish to the
 message's partition queue (RabbitMQ), exactly as at receipt.
+
+- ``requeue_stuck``: messages still waiting (``queued`` or ``replayed``) long after their last
+  change whose queue entry is gone — the broker lost its data, a queue was deleted by hand, the
+  embedded queue file was restored from an older backup — are queued again, in arrival order. A
+  message queued twice is processed once (the second delivery finds it final).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Engine, delete, insert, select, update
@@ -79,12 +84,50 @@ def release(engine: Engine, settings: Settings, message_id: int, *, skip: bool) 
     return Released(None if skip else row.uid, [r.uid for r in rows])
 
 
+STUCK = ("queued", "replayed")
+
+
+def requeue_stuck(engine: Engine, settings: Settings, *, older_than: timedelta, dry_run: bool = False,
+                  limit: int = 100_000) -> list[int]:
+    """Queue again the messages waiting (status queued/replayed) since before ``older_than`` ago:
+    with RabbitMQ every such message (the broker cannot be asked for one message; a duplicate is
+    harmless), embedded only those without a queue entry. Returns their ids, in arrival order."""
+    now = datetime.now(UTC)
+    columns = (messages.c.id, messages.c.uid, messages.c.partition, messages.c.raw, messages.c.charset,
+               messages.c.channel, messages.c.received_at, messages.c.control_id, messages.c.sending_facility,
+               messages.c.batch_uid, messages.c.message_type, messages.c.trigger_event)
+    q = select(*columns).where(messages.c.status.in_(STUCK), messages.c.updated_at < now - older_than)
+    if not settings.broker_url:
+        q = q.where(~select(queue_entries.c.id).where(queue_entries.c.message_uid == messages.c.uid).exists())
+    with engine.begin() as conn:
+        rows = conn.execute(q.order_by(messages.c.id).limit(limit)).all()
+        if dry_run or not rows:
+            return [r.id for r in rows]
+        for start in range(0, len(rows), 500):
+            chunk = rows[start:start + 500]
+            if settings.broker_url:
+                _publish(settings, chunk)
+            else:
+                conn.execute(insert(queue_entries), [
+                    {"message_uid": r.uid, "partition": r.partition or 0, "enqueued_at": now, "available_at": now,
+                     "attempts": 0} for r in chunk])
+            conn.execute(insert(message_events), [
+                {"message_id": r.id, "at": now, "status": "queued", "step": "operator", "detail": "requeued"}
+                for r in chunk])
+            conn.execute(update(messages).where(messages.c.id.in_([r.id for r in chunk])).values(updated_at=now))
+    return [r.id for r in rows]
+
+
 def _publish(settings: Settings, rows: Sequence[Any]) -> None:
     import pika
 
-    from engine.queue.rabbitmq import RabbitPublisher
+    from engine.queue.rabbitmq import RabbitPublisher, declare_topology
 
     assert settings.broker_url is not None
+    try:  # idempotent; and what puts back a partition queue deleted by hand
+        declare_topology(settings.broker_url, settings.queue_name, settings.queue_partitions)
+    except Exception as exc:
+        raise ReplayError(f"broker unavailable: {str(exc)[:200]}") from None
     publisher = RabbitPublisher(settings.broker_url, settings.queue_name)
     try:
         if not publisher.wait_connected(10):
