@@ -211,6 +211,14 @@ def test_a_wave_of_new_patients_takes_a_few_statements(engine: Engine) -> None:
     assert statements.count("INSERT") == 0 and statements.count("UPDATE") == 0
 
 
+def test_a_message_that_maps_to_nothing_writes_nothing_and_keeps_the_wave_together(engine: Engine) -> None:
+    items = [(lab_message(ident("MRN-1")), "m1", T0), (F.MappedMessage(), "m2", T0),
+             (lab_message(ident("MRN-2")), "m3", T0)]
+    with engine.begin() as conn:
+        results = apply_wave(conn, items)
+    assert [r.inserted for r in results] == [6, 0, 6] and results[1].patient_id is None
+
+
 @pytest.mark.parametrize("case", ["no patient", "merge", "same patient twice", "shared identifier",
                                   "linked patient"])
 def test_what_is_not_batchable_is_refused_before_any_write(engine: Engine, case: str) -> None:
@@ -221,7 +229,7 @@ def test_what_is_not_batchable_is_refused_before_any_write(engine: Engine, case:
         apply(conn, F.MappedMessage(patient=patient(ident("MRN-S")), merges=[F.Merge(replaced=[ident("MRN-R")])]),
               message_uid="m00", received_at=T0)
     waves: dict[str, list[F.MappedMessage]] = {
-        "no patient": [lab_message(b), F.MappedMessage()],
+        "no patient": [lab_message(b), F.MappedMessage(reports=lab_message(b).reports)],
         "merge": [lab_message(b), F.MappedMessage(patient=patient(b), merges=[F.Merge(replaced=[a])])],
         "same patient twice": [lab_message(a, minutes=1), lab_message(ident("MRN-C"), npn, minutes=1)],
         "shared identifier": [lab_message(b, minutes=1), lab_message(ident("MRN-C"), b, minutes=1)],

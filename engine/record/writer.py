@@ -141,7 +141,21 @@ class NotBatchable(EngineError):
 
 def apply_wave(conn: Connection, items: list[tuple[F.MappedMessage, str, datetime]]) -> list[ApplyResult]:
     """Write several messages' facts — ``(mapped, message uid, received_at)`` each — with a few
-    statements for all of them, to the same effect as ``apply`` on each in turn.
+    statements for all of them, to the same effect as ``apply`` on each in turn. A message that
+    maps to nothing at all (no patient, no facts) writes nothing, as with ``apply``."""
+    empty = [not _has_content(m) for m, _, _ in items]
+    if not any(empty):
+        return _apply_wave(conn, items)
+    written = iter(_apply_wave(conn, [item for item, e in zip(items, empty, strict=True) if not e]))
+    return [ApplyResult() if e else next(written) for e in empty]
+
+
+def _has_content(mapped: F.MappedMessage) -> bool:
+    return mapped.patient is not None or bool(mapped.merges) or any(getattr(mapped, a) for a in FACT_LISTS.values())
+
+
+def _apply_wave(conn: Connection, items: list[tuple[F.MappedMessage, str, datetime]]) -> list[ApplyResult]:
+    """``apply_wave`` for messages that each have something to write.
 
     Only for messages of *different* patients with no merge: the caller passes at most one message
     per patient key. Anything that needs ``apply``'s care raises ``NotBatchable`` before a write
@@ -149,6 +163,8 @@ def apply_wave(conn: Connection, items: list[tuple[F.MappedMessage, str, datetim
     finding two patients, a patient in a merge link, two messages finding the same patient); the
     caller rolls back its savepoint and applies the messages one by one, which then gives each its
     own outcome. A unique-constraint race with another worker raises IntegrityError the same way."""
+    if not items:
+        return []
     now = datetime.now(UTC)
     results = [ApplyResult() for _ in items]
     wanted: list[dict[tuple[str, str], F.Identifier]] = []
