@@ -6,7 +6,7 @@ and the latency from receipt to the commit of the facts. Once a second it sends 
 parent (``hl7engine run`` or ``hl7engine work``) over a multiprocessing queue; the parent serves
 their sum with its other metrics. A worker that exits leaves its last totals behind, so the
 counters never go down when one is restarted. ``hl7engine_workers`` counts the workers that
-reported in the last three seconds.
+reported in the last 15 seconds.
 
     hl7engine_worker_messages_total{status, step}        processed, filtered, held, error (step), ...
     hl7engine_worker_facts_total                         facts inserted or updated in the record
@@ -32,6 +32,7 @@ from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 SEND_EVERY = 1.0  # seconds
+STALE_AFTER = 15.0  # seconds without a report: a worker no longer counted in hl7engine_workers
 
 
 @dataclass(slots=True)
@@ -147,7 +148,7 @@ class WorkerCollector(Collector):
 
     def total(self) -> tuple[WorkerTotals, int]:
         """The sum of every worker's totals, and how many reported in the last few seconds."""
-        recent = time.monotonic() - 3 * SEND_EVERY
+        recent = time.monotonic() - STALE_AFTER
         out = WorkerTotals()
         live = 0
         with self._lock:
