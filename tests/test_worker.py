@@ -412,3 +412,22 @@ def test_requeue_stuck_rabbitmq_publishes_again(postgres_url: str, rabbitmq_url:
     assert set(statuses(engine).values()) == {"processed"}
     assert requeue_stuck(engine, settings, older_than=timedelta(0)) == []
     engine.dispose()
+
+
+def test_settle_acks_runs_with_one_frame_and_never_acks_past_a_failure() -> None:
+    from engine.worker.sources import settle
+
+    calls: list[tuple[str, int, bool]] = []
+
+    class Channel:
+        def basic_ack(self, tag: int, multiple: bool = False) -> None:
+            calls.append(("ack", tag, multiple))
+
+        def basic_nack(self, tag: int, requeue: bool = True) -> None:
+            calls.append(("nack", tag, requeue))
+
+    settle(Channel(), [(4, False), (1, False), (2, False), (3, True), (5, True), (6, False), (7, False)])
+    assert calls == [("ack", 2, True), ("nack", 3, False), ("ack", 4, True), ("nack", 5, False), ("ack", 7, True)]
+    calls.clear()
+    settle(Channel(), [(8, True)])
+    assert calls == [("nack", 8, False)]

@@ -147,12 +147,10 @@ def run_rabbit(processor: Processor, engine: Engine, url: str, name: str, partit
                 outcomes = retrying(once, stop, conn.sleep)
                 if outcomes is None:  # stopping: leave them unacked, they will be redelivered
                     return False
-                for (tag, _, _), outcome in zip(batch, outcomes, strict=True):
-                    if outcome.status == "error":
-                        ch.basic_nack(tag, requeue=False)  # to the dead-letter queue; the store says error
-                    else:
-                        ch.basic_ack(tag)
-                    if on_outcome is not None:
+                settle(ch, [(tag, outcome.status == "error") for (tag, _, _), outcome in zip(batch, outcomes,
+                                                                                          strict=True)])
+                if on_outcome is not None:
+                    for outcome in outcomes:
                         on_outcome(outcome)
                 return True
 
@@ -173,6 +171,24 @@ def run_rabbit(processor: Processor, engine: Engine, url: str, name: str, partit
             except Exception:
                 log.debug("closing a failed broker connection failed")
             stop.wait(backoff.next())
+
+
+def settle(ch: Any, deliveries: list[tuple[int, bool]]) -> None:
+    """Ack the deliveries ``(delivery tag, failed)`` of a committed batch; a failed one is rejected
+    (to the dead-letter queue; the store says error). Runs of successes are acked with one
+    ``multiple`` ack each (one frame and one write instead of one per message): a failed tag is
+    rejected before any ack passes it, so it is never acked."""
+    run_end: int | None = None
+    for tag, failed in sorted(deliveries):
+        if failed:
+            if run_end is not None:
+                ch.basic_ack(run_end, multiple=True)
+                run_end = None
+            ch.basic_nack(tag, requeue=False)
+        else:
+            run_end = tag
+    if run_end is not None:
+        ch.basic_ack(run_end, multiple=True)
 
 
 def adopt(engine: Engine, uid: str, props: Any, body: bytes) -> None:
