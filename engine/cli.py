@@ -19,6 +19,8 @@ app.add_typer(messages_app, name="messages")
 record_app = typer.Typer(help="The central record.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(record_app, name="record")
+token_app = typer.Typer(help="Bearer tokens for the HTTP API (who may read the record).", no_args_is_help=True)
+app.add_typer(token_app, name="token")
 
 ConfigDir = Annotated[
     Path, typer.Option("--config", "-c", help="configuration directory (channels/, mappings/, routes.yaml)",
@@ -79,7 +81,8 @@ def _serve(config: Path, settings: Any, *, workers: int, api: bool) -> None:
         _fail(f"no enabled channel in {config / 'channels'}; add one (see docs/channels.md)")
     if settings.http_port:
         if api:
-            _start_api_thread(settings.resolved_database_url(config), settings.http_port)
+            tokens, tls = _api_access(settings)
+            _start_api_thread(settings.resolved_database_url(config), settings.http_port, tokens, tls)
         else:
             from prometheus_client import start_http_server
 
@@ -107,7 +110,30 @@ def _serve(config: Path, settings: Any, *, workers: int, api: bool) -> None:
             stop_workers(procs)
 
 
-def _start_api_thread(database_url: str, port: int) -> None:
+def _api_access(settings: Any) -> tuple[Any, dict[str, Any]]:
+    """The API's tokens (from HL7ENGINE_API_TOKENS_FILE) and uvicorn's TLS options; exits with the
+    problem when either is wrong."""
+    from engine.admin.access import ApiTokens
+
+    try:
+        tokens = ApiTokens.load(settings.api_tokens_file)
+    except ConfigError as exc:
+        for p in exc.problems:
+            typer.echo(str(p), err=True)
+        _fail("the HTTP API was not started")
+    cert, key = settings.http_tls_cert, settings.http_tls_key
+    if (cert is None) != (key is None):
+        _fail("HL7ENGINE_HTTP_TLS_CERT and HL7ENGINE_HTTP_TLS_KEY go together: set both or neither")
+    tls: dict[str, Any] = {}
+    if cert is not None and key is not None:
+        for what, path in (("HL7ENGINE_HTTP_TLS_CERT", cert), ("HL7ENGINE_HTTP_TLS_KEY", key)):
+            if not path.is_file():
+                _fail(f"{what}: {path} is not a readable file")
+        tls = {"ssl_certfile": str(cert), "ssl_keyfile": str(key)}
+    return tokens, tls
+
+
+def _start_api_thread(database_url: str, port: int, tokens: Any, tls: dict[str, Any]) -> None:
     """The HTTP API in a thread of the listener process (light read traffic)."""
     import socket
     import threading
@@ -121,8 +147,9 @@ def _start_api_thread(database_url: str, port: int) -> None:
             pass
     except OSError as exc:
         _fail(f"cannot serve HTTP on port {port}: {exc} (set HL7ENGINE_HTTP_PORT)")
-    server = uvicorn.Server(uvicorn.Config(create_app(database_url), host="0.0.0.0", port=port,
-                                           log_level="warning", access_log=False, loop="asyncio"))
+    server = uvicorn.Server(uvicorn.Config(create_app(database_url, tokens), host="0.0.0.0", port=port, **tls,
+                                           log_level="warning", access_log=False, loop="asyncio",
+                                           timeout_graceful_shutdown=5))
     threading.Thread(target=server.run, name="http-api", daemon=True).start()  # signals stay with the listener
 
 
@@ -165,10 +192,12 @@ def api(config: ConfigDir = Path(".")) -> None:
 
     settings = _settings()
     _setup_logging(settings)
+    tokens, tls = _api_access(settings)
     url = settings.resolved_database_url(config)
     db.upgrade(url)
-    uvicorn.run(create_app(url), host="0.0.0.0", port=settings.http_port or 8080, log_level="warning",
-                access_log=False)
+    # a client keeping its connection open must not hold a SIGTERM off for ever
+    uvicorn.run(create_app(url, tokens), host="0.0.0.0", port=settings.http_port or 8080, log_level="warning",
+                access_log=False, timeout_graceful_shutdown=5, **tls)
 
 
 @app.command("test")
@@ -430,6 +459,38 @@ def _release(config: Path, message_id: int, *, skip: bool) -> None:
         engine.dispose()
     what = "skipped" if skip else "replayed"
     typer.echo(f"{what} message {message_id}; {len(done.queued)} message(s) queued again")
+
+
+@token_app.command("new")
+def token_new(
+    name: Annotated[str, typer.Argument(help="who the token is for, e.g. clinic-portal (shown in the access log)")],
+    file: Annotated[Path | None, typer.Option("--file", "-f", help="append its line to this tokens file "
+                                              "(HL7ENGINE_API_TOKENS_FILE)")] = None,
+) -> None:
+    """Make a new API token: prints the token (once: only its SHA-256 is kept) and its tokens-file line."""
+    from engine.admin.access import ApiTokens, new_token
+
+    try:
+        token, line = new_token(name)
+    except ValueError as exc:
+        _fail(f"NAME: {exc}")
+    if file is not None:
+        if file.exists():
+            try:
+                known = ApiTokens.load(file)
+            except ConfigError as exc:
+                for p in exc.problems:
+                    typer.echo(str(p), err=True)
+                _fail(f"{file} has problems; nothing added")
+            if name in known.by_hash.values():
+                _fail(f"{file} already has a token named {name!r}; choose another name or remove that line")
+        with file.open("a", encoding="utf-8") as f:
+            f.write(line + "\n")
+        file.chmod(0o600)
+        typer.echo(f"added {name!r} to {file}; restart the API (or `run`) to use it", err=True)
+    else:
+        typer.echo(f"tokens-file line: {line}", err=True)
+    typer.echo(token)
 
 
 @record_app.command("export")

@@ -21,6 +21,11 @@ class Settings(BaseSettings):
     broker_url: str | None = Field(default=None, description="AMQP URL, e.g. amqp://guest:guest@host:5672/")
     data_dir: Path | None = Field(default=None, description="where embedded data lives (default <config>/var)")
     http_port: int = 8080
+    api_tokens_file: Path | None = Field(default=None, description="who may read /fhir: lines `NAME sha256:HEX` "
+                                         "(hl7engine token new NAME); unset: loopback clients only")
+    http_tls_cert: Path | None = Field(default=None, description="PEM certificate (chain): serve the HTTP API "
+                                       "over TLS")
+    http_tls_key: Path | None = Field(default=None, description="PEM private key of http_tls_cert")
     log_format: Literal["console", "json"] = "console"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     queue_partitions: int = Field(default=8, ge=1, le=1024)

@@ -443,7 +443,7 @@ def test_export_bundle(engine: Engine, record: dict[str, int]) -> None:
 
 @pytest.fixture
 def client(db_url: str, record: dict[str, int]) -> Iterator[TestClient]:
-    with TestClient(create_app(db_url)) as c:
+    with TestClient(create_app(db_url), client=("127.0.0.1", 50000)) as c:  # loopback: no token needed
         yield c
 
 

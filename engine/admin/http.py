@@ -7,15 +7,16 @@
 - ``GET /fhir/{type}?…`` — a searchset Bundle (parameters in ``engine.record.fhir``);
 - ``GET /healthz`` — ``{"status": "ok"}`` when the database answers, else 503.
 
-Responses are ``application/fhir+json``; errors are OperationOutcome resources with 404 (unknown
-type or id, unknown path) or 400 (bad search). Repeating a search parameter is refused (400).
-Nothing about patients is logged.
+Reading ``/fhir`` needs a bearer token, or, without a tokens file, a loopback client
+(``engine.admin.access``). Responses are ``application/fhir+json``; errors are OperationOutcome
+resources with 401 (no or unknown token), 404 (unknown type or id, unknown path) or 400 (bad
+search). Repeating a search parameter is refused (400). Nothing about patients is logged.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -27,9 +28,12 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from engine.admin.access import ApiTokens
+from engine.observe import get_logger
 from engine.record.fhir import PARAMS, RESOURCE_TYPES, SearchError, UnknownResourceType, read, search
 from engine.store.db import make_engine
 
+log = get_logger("engine.admin")
 FHIR_JSON = "application/fhir+json"
 SEARCH_TYPES = {"_id": "token", "_count": "number", "identifier": "token", "patient": "reference",
                 "subject": "reference", "code": "token"}
@@ -62,8 +66,10 @@ def capability_statement() -> dict[str, Any]:
     }
 
 
-def create_app(database_url: str) -> FastAPI:
+def create_app(database_url: str, tokens: ApiTokens | None = None) -> FastAPI:
+    """The app; ``tokens``: who may read ``/fhir`` (None: no tokens file, loopback clients only)."""
     engine = make_engine(database_url, pool_size=4)
+    access = tokens if tokens is not None else ApiTokens()
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -81,6 +87,26 @@ def create_app(database_url: str) -> FastAPI:
     async def _server_error(_request: Request, exc: Exception) -> Response:
         # the detail may hold data from the record: log nothing of it, answer a generic outcome
         return outcome(500, "exception", f"internal error ({type(exc).__name__})")
+
+    @app.middleware("http")
+    async def _access(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        path = request.url.path
+        if not path.startswith("/fhir") or path.rstrip("/") == "/fhir/metadata":
+            return await call_next(request)
+        host = request.client.host if request.client is not None else None
+        who = access.client(request.headers.get("authorization"), host)
+        kind = path.removeprefix("/fhir").strip("/").split("/", 1)[0][:64]
+        if who is None:
+            log.warning("record read refused", resource_type=kind, peer=host,
+                        reason="token unknown" if request.headers.get("authorization") else "no token")
+            refused = outcome(401, "login", "this API serves patient data: send Authorization: Bearer <token>; "
+                                            "tokens are listed in HL7ENGINE_API_TOKENS_FILE (hl7engine token new "
+                                            "NAME; docs/operations.md)")
+            refused.headers["WWW-Authenticate"] = 'Bearer realm="hl7engine"'
+            return refused
+        response = await call_next(request)
+        log.info("record read", client=who, resource_type=kind, status=response.status_code)
+        return response
 
     @app.get("/metrics")
     def metrics() -> Response:
