@@ -184,16 +184,12 @@ def _apply_wave(conn: Connection, items: list[tuple[F.MappedMessage, str, dateti
     when = [_utc(m.message_time.at if m.message_time is not None else received) for m, _, received in items]
 
     # patients: one query finds every identifier, its patient's stored version and any merge link
-    t, p, lk = rec_patient_identifiers, rec_patients, rec_patient_links
-    linked = or_(select(lk.c.patient_id).where(lk.c.patient_id == t.c.patient_id).exists(),
-                 select(lk.c.patient_id).where(lk.c.replaced_by_id == t.c.patient_id).exists())
+    t = rec_patient_identifiers
     found: dict[tuple[str, str], Any] = {}
     all_keys = list(owner)
     for start in range(0, len(all_keys), CHUNK):
         chunk = all_keys[start:start + CHUNK]
-        rows = conn.execute(select(t.c.namespace, t.c.value, t.c.patient_id, p.c.content_hash, p.c.message_time,
-                                   linked.label("linked")).join(p, p.c.id == t.c.patient_id)
-                            .where(_pairs(t.c.namespace, t.c.value, chunk))).all()
+        rows = conn.execute(_identified().where(_pairs(t.c.namespace, t.c.value, chunk))).all()
         for r in rows:
             if (r.namespace, r.value) not in owner:
                 continue
@@ -213,7 +209,7 @@ def _apply_wave(conn: Connection, items: list[tuple[F.MappedMessage, str, dateti
             stored_patient[pid] = next(found[k] for k in keys if k in found)
         pids.append(pid)
 
-    dumped = [dump(m.patient) for m, _, _ in items if m.patient is not None]
+    dumped = [dump(_patient(m)) for m, _, _ in items]
     new = [i for i, pid in enumerate(pids) if pid is None]
     if new:
         # RETURNING with the message uid (unique in the wave) says which row is whose, in any order
@@ -247,31 +243,25 @@ def _apply_wave(conn: Connection, items: list[tuple[F.MappedMessage, str, dateti
         if not any(latest):
             continue
         table = FACT_TABLES[kind]
-        existing: dict[tuple[int, str], Any] = {}
+        existing: dict[int, dict[str, Any]] = {}  # patient id -> key -> stored row
         lookups = [(_id(pids[i]), key) for i in known for key in latest[i]]
         for start in range(0, len(lookups), CHUNK):
             pairs = lookups[start:start + CHUNK]
             for r in conn.execute(select(table.c.id, table.c.patient_id, table.c.key, table.c.content_hash,
                                          table.c.message_time)
                                   .where(_pairs(table.c.patient_id, table.c.key, pairs))).all():
-                existing[(int(r.patient_id), r.key)] = r  # a superset of the pairs: the extra ones unused
+                existing.setdefault(int(r.patient_id), {})[r.key] = r  # a superset of the pairs: extras unused
         new_rows: list[dict[str, Any]] = []
         replacements: list[Replacement] = []
         owners: list[int] = []
         for i, facts in enumerate(latest):
-            pid, uid = _id(pids[i]), items[i][1]
-            for key, fact in facts.items():
-                data, digest = dump(fact)
-                columns = COLUMNS[kind](fact)
-                row = existing.get((pid, key))
-                if row is None:
-                    new_rows.append({"patient_id": pid, "key": key, "fact": data, "content_hash": digest,
-                                     "version": 1, "message_uid": uid, "message_time": when[i], "created_at": now,
-                                     "updated_at": now, **columns})
-                    results[i].add(kind, "inserted")
-                else:
-                    replacements.append(Replacement(int(row.id), data, digest, columns, row, uid, when[i]))
-                    owners.append(i)
+            pid = _id(pids[i])
+            rows_i, replaced_i = _sort_facts(kind, pid, items[i][1], when[i], now, facts,
+                                             existing.get(pid, {}).get)
+            results[i].add(kind, "inserted", len(rows_i))
+            new_rows += rows_i
+            replacements += replaced_i
+            owners += [i] * len(replaced_i)
         if new_rows:
             bulk_insert(conn, table, new_rows)
         for i, outcome in zip(owners, replace_many(conn, table, kind, replacements, now), strict=True):
@@ -305,6 +295,11 @@ def bulk_insert(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> N
     with raw.cursor() as cur, cur.copy(f'COPY "{table.name}" ({columns}) FROM STDIN') as copy:
         for row in rows:
             copy.write_row([json_text(row[n]) if n in json_columns else row[n] for n in names])
+
+
+def _patient(mapped: F.MappedMessage) -> F.Patient:
+    assert mapped.patient is not None  # checked at the top of _apply_wave
+    return mapped.patient
 
 
 def _id(pid: int | None) -> int:
@@ -457,8 +452,9 @@ class _Writer:
             self.result.add("patient", "inserted")
         else:
             data, digest = dump(fact)
-            outcome = self._replace_many(rec_patients, "patient", [(pid, data, digest, {}, self.stored.get(pid))])
-            self.result.add("patient", outcome[0])
+            (outcome,) = replace_many(self.conn, rec_patients, "patient", [
+                Replacement(pid, data, digest, {}, self.stored.get(pid), self.message_uid, self.when)], self.now)
+            self.result.add("patient", outcome)
         return pid
 
     def merge(self, survivor_id: int, merge: F.Merge) -> None:
@@ -514,13 +510,8 @@ class _Writer:
     def _match(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], int]:
         t = rec_patient_identifiers
         cond = or_(*(and_(t.c.namespace == ns, t.c.value == value) for ns, value in keys))
-        p, lk = rec_patients, rec_patient_links
-        linked = or_(select(lk.c.patient_id).where(lk.c.patient_id == t.c.patient_id).exists(),
-                     select(lk.c.patient_id).where(lk.c.replaced_by_id == t.c.patient_id).exists())
         # one round trip: the identifiers, their patient's stored version and whether a link touches it
-        rows = self.conn.execute(select(t.c.namespace, t.c.value, t.c.patient_id, p.c.content_hash,
-                                        p.c.message_time, linked.label("linked"))
-                                 .join(p, p.c.id == t.c.patient_id).where(cond)).all()
+        rows = self.conn.execute(_identified().where(cond)).all()
         for r in rows:
             pid = int(r.patient_id)
             self.stored[pid] = r
@@ -572,29 +563,41 @@ class _Writer:
         """Insert, replace or keep the message's facts of one kind (``latest``: key -> the last fact of
         that key in the message; ``existing``: key -> the stored row)."""
         table = FACT_TABLES[kind]
-        new_rows = []
-        replacements: list[tuple[int, dict[str, Any], str, dict[str, Any], Any]] = []
-        for key, fact in latest.items():
-            data, digest = dump(fact)
-            columns = COLUMNS[kind](fact)
-            row = existing.get(key)
-            if row is None:
-                new_rows.append({"patient_id": pid, "key": key, "fact": data, "content_hash": digest, "version": 1,
-                                 "message_uid": self.message_uid, "message_time": self.when,
-                                 "created_at": self.now, "updated_at": self.now, **columns})
-                self.result.add(kind, "inserted")
-            else:
-                replacements.append((int(row.id), data, digest, columns, row))
+        new_rows, replacements = _sort_facts(kind, pid, self.message_uid, self.when, self.now, latest, existing.get)
+        self.result.add(kind, "inserted", len(new_rows))
         if new_rows:
-            self.conn.execute(insert(table), new_rows)
-        for outcome in self._replace_many(table, kind, replacements):
+            bulk_insert(self.conn, table, new_rows)
+        for outcome in replace_many(self.conn, table, kind, replacements, self.now):
             self.result.add(kind, outcome)
 
-    def _replace_many(self, table: Table, kind: str,
-                      items: list[tuple[int, dict[str, Any], str, dict[str, Any], Any]]) -> list[str]:
-        return replace_many(self.conn, table, kind, [Replacement(row_id, data, digest, columns, stored,
-                                                                 self.message_uid, self.when)
-                                                     for row_id, data, digest, columns, stored in items], self.now)
+
+def _identified() -> Any:
+    """Identifiers with their patient's stored version (content_hash, message_time) and whether a
+    merge link touches the patient; the caller adds which identifiers."""
+    t, p, lk = rec_patient_identifiers, rec_patients, rec_patient_links
+    linked = or_(select(lk.c.patient_id).where(lk.c.patient_id == t.c.patient_id).exists(),
+                 select(lk.c.patient_id).where(lk.c.replaced_by_id == t.c.patient_id).exists())
+    return select(t.c.namespace, t.c.value, t.c.patient_id, p.c.content_hash, p.c.message_time,
+                  linked.label("linked")).join(p, p.c.id == t.c.patient_id)
+
+
+def _sort_facts(kind: str, pid: int, uid: str, when: datetime, now: datetime, facts: dict[str, Any],
+                stored: Callable[[str], Any]) -> tuple[list[dict[str, Any]], list[Replacement]]:
+    """One message's facts of one kind (key -> fact) as rows to insert (keys not stored yet) and
+    replacements of stored rows (``stored(key)``: the stored row or None)."""
+    new_rows: list[dict[str, Any]] = []
+    replacements: list[Replacement] = []
+    for key, fact in facts.items():
+        data, digest = dump(fact)
+        columns = COLUMNS[kind](fact)
+        row = stored(key)
+        if row is None:
+            new_rows.append({"patient_id": pid, "key": key, "fact": data, "content_hash": digest, "version": 1,
+                             "message_uid": uid, "message_time": when, "created_at": now, "updated_at": now,
+                             **columns})
+        else:
+            replacements.append(Replacement(int(row.id), data, digest, columns, row, uid, when))
+    return new_rows, replacements
 
 
 @dataclass(slots=True)
