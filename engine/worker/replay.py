@@ -28,6 +28,11 @@ from engine.errors import EngineError
 from engine.settings import Settings
 from engine.store.schema import message_events, messages, parked_patients, queue_entries
 
+# what queueing a stored message again needs (a queue entry, or the publish as at receipt)
+QUEUE_COLUMNS = (messages.c.id, messages.c.uid, messages.c.partition, messages.c.raw, messages.c.charset,
+                 messages.c.channel, messages.c.received_at, messages.c.control_id, messages.c.sending_facility,
+                 messages.c.batch_uid, messages.c.message_type, messages.c.trigger_event)
+
 
 class ReplayError(EngineError):
     pass
@@ -52,9 +57,7 @@ def release(engine: Engine, settings: Settings, message_id: int, *, skip: bool) 
         parked = conn.execute(select(parked_patients.c.patient_key)
                               .where(parked_patients.c.message_uid == row.uid)).first()
         held = conn.execute(
-            select(messages.c.id, messages.c.uid, messages.c.partition, messages.c.raw, messages.c.charset,
-                   messages.c.channel, messages.c.received_at, messages.c.control_id, messages.c.sending_facility,
-                   messages.c.batch_uid, messages.c.message_type, messages.c.trigger_event)
+            select(*QUEUE_COLUMNS)
             .where(messages.c.status == "held", messages.c.error.contains(f"({row.uid})"))
             .order_by(messages.c.id)
         ).all()
@@ -70,17 +73,10 @@ def release(engine: Engine, settings: Settings, message_id: int, *, skip: bool) 
             conn.execute(update(messages).where(messages.c.id == h.id)
                          .values(status="queued", error_step=None, error=None, updated_at=now))
         rows = conn.execute(
-            select(messages.c.id, messages.c.uid, messages.c.partition, messages.c.raw, messages.c.charset,
-                   messages.c.channel, messages.c.received_at, messages.c.control_id, messages.c.sending_facility,
-                   messages.c.batch_uid, messages.c.message_type, messages.c.trigger_event)
+            select(*QUEUE_COLUMNS)
             .where(messages.c.id.in_(ids)).order_by(messages.c.id)
         ).all()
-        if settings.broker_url:
-            _publish(settings, rows)  # inside the transaction: if the broker fails, nothing changes
-        else:
-            for r in rows:
-                conn.execute(insert(queue_entries).values(message_uid=r.uid, partition=r.partition or 0,
-                                                          enqueued_at=now, available_at=now, attempts=0))
+        _enqueue(conn, settings, rows, now)  # inside the transaction: if the broker fails, nothing changes
     return Released(None if skip else row.uid, [r.uid for r in rows])
 
 
@@ -93,10 +89,7 @@ def requeue_stuck(engine: Engine, settings: Settings, *, older_than: timedelta, 
     with RabbitMQ every such message (the broker cannot be asked for one message; a duplicate is
     harmless), embedded only those without a queue entry. Returns their ids, in arrival order."""
     now = datetime.now(UTC)
-    columns = (messages.c.id, messages.c.uid, messages.c.partition, messages.c.raw, messages.c.charset,
-               messages.c.channel, messages.c.received_at, messages.c.control_id, messages.c.sending_facility,
-               messages.c.batch_uid, messages.c.message_type, messages.c.trigger_event)
-    q = select(*columns).where(messages.c.status.in_(STUCK), messages.c.updated_at < now - older_than)
+    q = select(*QUEUE_COLUMNS).where(messages.c.status.in_(STUCK), messages.c.updated_at < now - older_than)
     if not settings.broker_url:
         q = q.where(~select(queue_entries.c.id).where(queue_entries.c.message_uid == messages.c.uid).exists())
     with engine.begin() as conn:
@@ -105,17 +98,23 @@ def requeue_stuck(engine: Engine, settings: Settings, *, older_than: timedelta, 
             return [r.id for r in rows]
         for start in range(0, len(rows), 500):
             chunk = rows[start:start + 500]
-            if settings.broker_url:
-                _publish(settings, chunk)
-            else:
-                conn.execute(insert(queue_entries), [
-                    {"message_uid": r.uid, "partition": r.partition or 0, "enqueued_at": now, "available_at": now,
-                     "attempts": 0} for r in chunk])
+            _enqueue(conn, settings, chunk, now)
             conn.execute(insert(message_events), [
                 {"message_id": r.id, "at": now, "status": "queued", "step": "operator", "detail": "requeued"}
                 for r in chunk])
             conn.execute(update(messages).where(messages.c.id.in_([r.id for r in chunk])).values(updated_at=now))
     return [r.id for r in rows]
+
+
+def _enqueue(conn: Any, settings: Settings, rows: Sequence[Any], now: datetime) -> None:
+    """Queue these stored messages (QUEUE_COLUMNS rows) again: published to RabbitMQ (confirmed), or
+    an embedded queue entry each in ``conn``'s transaction."""
+    if settings.broker_url:
+        _publish(settings, rows)
+    elif rows:
+        conn.execute(insert(queue_entries), [
+            {"message_uid": r.uid, "partition": r.partition or 0, "enqueued_at": now, "available_at": now,
+             "attempts": 0} for r in rows])
 
 
 def _publish(settings: Settings, rows: Sequence[Any]) -> None:
