@@ -109,15 +109,16 @@ def _child(root: str, settings: dict[str, Any], index: int, count: int, reports:
 
 def start_workers(root: Path, settings: Settings, count: int) -> list[multiprocessing.process.BaseProcess]:
     """Start ``count`` worker processes (spawned: nothing of the parent's state is shared)."""
-    ctx = multiprocessing.get_context("spawn")
-    reports = worker_reports()
-    procs: list[multiprocessing.process.BaseProcess] = []
-    for i in range(count):
-        p = ctx.Process(target=_child, args=(str(root), settings.model_dump(), i, count, reports),
-                        name=f"hl7engine-worker-{i}")
-        p.start()
-        procs.append(p)
-    return procs
+    return [_spawn(root, settings, i, count) for i in range(count)]
+
+
+def _spawn(root: Path, settings: Settings, index: int, count: int) -> multiprocessing.process.BaseProcess:
+    """Start worker process ``index`` of ``count``, reporting its metrics to this process."""
+    p = multiprocessing.get_context("spawn").Process(
+        target=_child, args=(str(root), settings.model_dump(), index, count, worker_reports()),
+        name=f"hl7engine-worker-{index}")
+    p.start()
+    return p
 
 
 _reports: Any = None
@@ -160,9 +161,6 @@ def serve_workers(root: Path, settings: Settings, count: int) -> None:
             for i, p in enumerate(procs):
                 if not p.is_alive():
                     log.warning("worker exited; starting a new one", index=i, exitcode=p.exitcode)
-                    ctx = multiprocessing.get_context("spawn")
-                    procs[i] = ctx.Process(target=_child, args=(str(root), settings.model_dump(), i, count,
-                                                                worker_reports()), name=f"hl7engine-worker-{i}")
-                    procs[i].start()
+                    procs[i] = _spawn(root, settings, i, count)
     finally:
         stop_workers(procs)
