@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import ssl
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 
@@ -21,6 +22,8 @@ app.add_typer(db_app, name="db")
 app.add_typer(record_app, name="record")
 token_app = typer.Typer(help="Bearer tokens for the HTTP API (who may read the record).", no_args_is_help=True)
 app.add_typer(token_app, name="token")
+
+T = TypeVar("T")
 
 ConfigDir = Annotated[
     Path, typer.Option("--config", "-c", help="configuration directory (channels/, mappings/, routes.yaml)",
@@ -40,7 +43,7 @@ def _setup_logging(settings: Any) -> None:
     configure_logging(settings.log_level, settings.log_format)
 
 
-def _fail(message: str, code: int = 1) -> None:
+def _fail(message: str, code: int = 1) -> NoReturn:
     typer.echo(message, err=True)
     raise typer.Exit(code)
 
@@ -182,6 +185,32 @@ def work(
         _fail(f"cannot start workers: {exc}")
 
 
+@app.command("workers")
+def workers_list(
+    as_json: Annotated[bool, typer.Option("--json", help="JSON lines")] = False,
+    config: ConfigDir = Path("."),
+) -> None:
+    """List the worker processes consuming RabbitMQ, on every host, and the partitions each consumes."""
+    from engine.worker.members import LEASE, list_members
+
+    members = _read_store(config, list_members)
+    if as_json:
+        for m in members:
+            typer.echo(json.dumps({"id": m.id, "host": m.host, "pid": m.pid, "live": m.live,
+                                   "heartbeat_age_s": round(m.heartbeat_age, 1), "partitions": m.partitions}))
+        return
+    if not members:
+        typer.echo("no workers (workers on the embedded queue do not register; RabbitMQ workers do)")
+        return
+    typer.echo(f"{'MEMBER':<44} {'LIVE':<5} {'HEARTBEAT':>9}  PARTITIONS")
+    for m in members:
+        typer.echo(f"{m.id[:44]:<44} {'yes' if m.live else 'no':<5} {m.heartbeat_age:>7.1f} s  {m.partitions or '-'}")
+    live = [m for m in members if m.live]
+    held = sorted({int(p) for m in live for p in m.partitions.split(",") if p})
+    typer.echo(f"{len(live)} live of {len(members)} (a member is live with a heartbeat in the last {LEASE:.0f} s); "
+               f"partitions consumed: {len(held)}")
+
+
 @app.command()
 def api(config: ConfigDir = Path(".")) -> None:
     """Serve the HTTP API alone: FHIR R4 read API under /fhir, /metrics, /healthz (HL7ENGINE_HTTP_PORT)."""
@@ -311,6 +340,19 @@ def _store_engine(config: Path) -> Any:
     return db.make_engine(url, pool_size=1)
 
 
+def _read_store(config: Path, read: Callable[[Any], T]) -> T:
+    """``read(engine)`` on the store; a store without tables is a clear error, not a traceback."""
+    from sqlalchemy.exc import OperationalError, ProgrammingError
+
+    engine = _store_engine(config)
+    try:
+        return read(engine)
+    except (OperationalError, ProgrammingError):
+        _fail(f"the database has no tables yet; run `hl7engine db upgrade --config {config}` or start the engine")
+    finally:
+        engine.dispose()
+
+
 @messages_app.callback()
 def messages(
     ctx: typer.Context,
@@ -326,19 +368,13 @@ def messages(
     if ctx.invoked_subcommand is not None:
         ctx.obj = config
         return
-    from sqlalchemy.exc import OperationalError, ProgrammingError
-
     from engine.store.query import MessageFilter, list_messages
 
-    engine = _store_engine(config)
     try:
-        rows = list_messages(engine, MessageFilter(status, channel, control_id, limit))
+        rows = _read_store(config, lambda engine: list_messages(engine, MessageFilter(status, channel, control_id,
+                                                                                       limit)))
     except ValueError as exc:
         _fail(str(exc), 2)
-    except (OperationalError, ProgrammingError):
-        _fail(f"the message store has no tables yet; run `hl7engine db upgrade --config {config}` or start the engine")
-    finally:
-        engine.dispose()
     if as_json:
         for row in rows:
             typer.echo(json.dumps(row, ensure_ascii=False))
@@ -365,19 +401,9 @@ def messages_show(
     from engine.store.query import get_message, summary
 
     cfg = config or (ctx.obj if isinstance(ctx.obj, Path) else Path(".").resolve())
-    from sqlalchemy.exc import OperationalError, ProgrammingError
-
-    engine = _store_engine(cfg)
-    try:
-        row = get_message(engine, message_id)
-    except (OperationalError, ProgrammingError):
-        _fail(f"the message store has no tables yet; run `hl7engine db upgrade --config {cfg}` or start the engine")
-        return
-    finally:
-        engine.dispose()
+    row = _read_store(cfg, lambda engine: get_message(engine, message_id))
     if row is None:
         _fail(f"no message with ID {message_id}")
-        return
     codec = row.get("charset") or "utf-8"
     raw = row["raw"].decode(codec, "replace")
     ack = row["ack"].decode(codec, "replace") if row["ack"] else None

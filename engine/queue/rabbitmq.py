@@ -35,8 +35,12 @@ log = get_logger("engine.queue")
 DEAD_LETTER_SUFFIX = ".dead"
 
 
+def queue_name(name: str, partition: int) -> str:
+    return f"{name}.p{partition}"
+
+
 def queue_names(name: str, partitions: int) -> list[str]:
-    return [f"{name}.p{i}" for i in range(partitions)]
+    return [queue_name(name, i) for i in range(partitions)]
 
 
 def connection_parameters(url: str) -> pika.URLParameters:

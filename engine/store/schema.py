@@ -16,6 +16,7 @@ from sqlalchemy import (
     Column,
     DateTime,
     Dialect,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -143,3 +144,18 @@ parked_patients = Table(
     Column("message_uid", String(32), nullable=False),
     Column("parked_at", UTCDateTime, nullable=False),
 )
+
+# Worker processes consuming RabbitMQ, one row each (engine/worker/members.py): a heartbeat on the
+# database's clock, and the partitions the process consumes. Every member computes the same
+# assignment of partitions from the live rows, so adding or removing a worker rebalances the work.
+worker_members = Table(
+    "worker_members",
+    metadata,
+    Column("id", String(100), primary_key=True),
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("started_at", Float, nullable=False),  # epoch seconds, database clock
+    Column("heartbeat_at", Float, nullable=False),  # epoch seconds, database clock
+    Column("partitions", Text, nullable=False, default=""),  # consumed now, e.g. "0,3,5"
+)
+

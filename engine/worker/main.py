@@ -88,8 +88,14 @@ def work(root: Path, settings: Settings, index: int, count: int, stop: threading
     log.info("worker started", index=index, of=count, queue="rabbitmq" if settings.broker_url else "database")
     try:
         if settings.broker_url:
-            partitions = [p for p in range(settings.queue_partitions) if p % count == index]
-            run_rabbit(processor, processor.engine, settings.broker_url, settings.queue_name, partitions, stop)
+            from engine.worker.members import Membership
+
+            members = Membership(processor.engine, settings.queue_partitions)
+            try:
+                run_rabbit(processor, processor.engine, settings.broker_url, settings.queue_name, members.beat, stop,
+                           declare=settings.queue_partitions)
+            finally:
+                members.leave()
         else:
             run_db_queue(processor, processor.engine, stop, index=index, count=count)
     finally:

@@ -6,20 +6,22 @@ transient failure retries the same message (with backoff) instead of moving past
 - Embedded (``queue_entries``): the entry is deleted in the same transaction that writes the facts
   and the status, so the effect is exactly once. Worker processes split the partitions between
   them (partition % count == index); for several hosts use RabbitMQ.
-- RabbitMQ: one consumer per partition queue with manual acks and a prefetch window; the queues are
-  declared single-active-consumer, so when workers on several hosts consume the same partition only
-  one is active and order holds. A message is acked after its transaction commits; a redelivered
-  one finds its status final and is acked again without effect (idempotent). A permanent failure
-  is rejected without requeue: it goes to the dead-letter queue, and stays in the store as error,
-  ready for replay.
+- RabbitMQ: one channel and consumer per partition queue, manual acks and a prefetch window. Which
+  worker process consumes which partitions is decided by ``members`` (a heartbeat table shared by
+  every worker on every host); the queues are declared single-active-consumer, so while a partition
+  moves from one worker to another only one of them is active, and order holds. A message is acked
+  after its transaction commits; a redelivered one finds its status final and is acked again
+  without effect (idempotent). A permanent failure is rejected without requeue: it goes to the
+  dead-letter queue, and stays in the store as error, ready for replay.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -102,18 +104,32 @@ def run_db_queue(processor: Processor, engine: Engine, stop: threading.Event, *,
                 on_outcome(outcome)
 
 
-def run_rabbit(processor: Processor, engine: Engine, url: str, name: str, partitions: list[int],
-               stop: threading.Event, *, prefetch: int = 2 * BATCH,
-               on_outcome: Callable[[Outcome], None] | None = None) -> None:
-    """Consume ``<name>.p<N>`` for each partition until ``stop`` is set; reconnects by itself."""
+TICK = 1.0  # seconds between asking which partitions to consume
+
+
+def run_rabbit(processor: Processor, engine: Engine, url: str, name: str,
+               partitions: Sequence[int] | Callable[[Sequence[int]], Sequence[int] | None], stop: threading.Event,
+               *, prefetch: int = BATCH, on_outcome: Callable[[Outcome], None] | None = None,
+               declare: int = 0) -> None:
+    """Consume ``<name>.p<N>`` until ``stop`` is set; reconnects by itself. With ``declare``, first
+    declare the exchange and that many partition queues (idempotent; a worker may start first).
+
+    ``partitions`` is a fixed list, or a function called about every second with the partitions
+    consumed now that returns those to consume (None: no change), e.g. ``Membership.beat``. Each
+    partition queue has its own channel (and ``prefetch``), so one can be handed over alone: its
+    channel is dropped (``drop_channel``) between batches, and RabbitMQ gives the queue, with what was
+    delivered but not processed back at its head, to the next consumer.
+    """
     import pika
 
-    from engine.queue.rabbitmq import connection_parameters, queue_names
+    from engine.queue.rabbitmq import connection_parameters, declare_topology
 
-    names = queue_names(name, max(partitions) + 1) if partitions else []
+    wanted = partitions if callable(partitions) else (lambda _now, fixed=list(partitions): fixed)
     backoff = Backoff(0.5, 10)
     while not stop.is_set():
         try:
+            if declare:
+                declare_topology(url, name, declare)
             conn = pika.BlockingConnection(connection_parameters(url))
         except Exception as exc:
             log.warning("broker unreachable", error=str(exc)[:200])
@@ -121,47 +137,7 @@ def run_rabbit(processor: Processor, engine: Engine, url: str, name: str, partit
             continue
         backoff.reset()
         try:
-            ch = conn.channel()
-            ch.basic_qos(prefetch_count=prefetch)
-
-            pending: list[tuple[Any, Any, bytes]] = []  # (delivery tag, properties, body), in order
-
-            def on_message(ch: Any, method: Any, props: Any, body: bytes,
-                           pending: list[tuple[Any, Any, bytes]] = pending) -> None:
-                pending.append((method.delivery_tag, props, body))
-
-            def flush(ch: Any = ch, conn: Any = conn, pending: list[tuple[Any, Any, bytes]] = pending) -> bool:
-                """Process what was delivered in one transaction, then ack. False when stopping."""
-                batch = pending[:]
-                pending.clear()
-
-                def once() -> list[Outcome]:
-                    outcomes = processor.process_batch([(props.message_id or "", None) for _, props, _ in batch])
-                    missing = [i for i, o in enumerate(outcomes) if o.status == "missing"]
-                    if missing:  # raises RetryLater while the writer may still be committing them
-                        for i in missing:
-                            adopt(engine, batch[i][1].message_id or "", batch[i][1], batch[i][2])
-                        outcomes = processor.process_batch([(props.message_id or "", None) for _, props, _ in batch])
-                    return outcomes
-
-                outcomes = retrying(once, stop, conn.sleep)
-                if outcomes is None:  # stopping: leave them unacked, they will be redelivered
-                    return False
-                settle(ch, [(tag, outcome.status == "error") for (tag, _, _), outcome in zip(batch, outcomes,
-                                                                                          strict=True)])
-                if on_outcome is not None:
-                    for outcome in outcomes:
-                        on_outcome(outcome)
-                return True
-
-            for p in partitions:
-                ch.basic_consume(names[p], on_message, auto_ack=False)
-            log.info("consuming", queues=len(partitions), prefetch=prefetch)
-            while not stop.is_set():
-                conn.process_data_events(time_limit=0.2 if not pending else 0)
-                if pending and not flush():
-                    break
-            ch.cancel()
+            _Consumer(processor, engine, conn, name, prefetch, stop, on_outcome).run(wanted)
             conn.close()
             return
         except Exception as exc:
@@ -171,6 +147,102 @@ def run_rabbit(processor: Processor, engine: Engine, url: str, name: str, partit
             except Exception:
                 log.debug("closing a failed broker connection failed")
             stop.wait(backoff.next())
+
+
+class _Consumer:
+    """One broker connection's consumption: a channel per partition, batches in delivery order."""
+
+    def __init__(self, processor: Processor, engine: Engine, conn: Any, name: str, prefetch: int,
+                 stop: threading.Event, on_outcome: Callable[[Outcome], None] | None) -> None:
+        self.processor, self.engine, self.conn, self.name = processor, engine, conn, name
+        self.prefetch, self.stop, self.on_outcome = prefetch, stop, on_outcome
+        self.channels: dict[int, Any] = {}
+        # delivered, not yet settled, in arrival order: (partition, delivery tag, properties, body)
+        self.pending: list[tuple[int, int, Any, bytes]] = []
+
+    def run(self, wanted: Callable[[Sequence[int]], Sequence[int] | None]) -> None:
+        next_tick = 0.0
+        while not self.stop.is_set():
+            if time.monotonic() >= next_tick:
+                self.rebalance(wanted(sorted(self.channels)))
+                next_tick = time.monotonic() + TICK
+            self.conn.process_data_events(time_limit=0.2 if not self.pending else 0)
+            if self.pending and not self.flush():
+                break
+        for ch in self.channels.values():  # unprocessed deliveries return to their queues, in order
+            drop_channel(ch)
+
+    def on_message(self, partition: int, ch: Any, method: Any, props: Any, body: bytes) -> None:
+        if self.channels.get(partition) is ch:
+            self.pending.append((partition, method.delivery_tag, props, body))
+
+    def flush(self) -> bool:
+        """Process up to 2 * BATCH delivered messages in one transaction, then ack them. False when
+        stopping (they are put back, unsettled)."""
+        batch = self.pending[:2 * BATCH]
+        del self.pending[:2 * BATCH]
+
+        def once() -> list[Outcome]:
+            outcomes = self.processor.process_batch([(props.message_id or "", None) for _, _, props, _ in batch])
+            missing = [i for i, o in enumerate(outcomes) if o.status == "missing"]
+            if missing:  # raises RetryLater while the writer may still be committing them
+                for i in missing:
+                    adopt(self.engine, batch[i][2].message_id or "", batch[i][2], batch[i][3])
+                outcomes = self.processor.process_batch([(props.message_id or "", None)
+                                                         for _, _, props, _ in batch])
+            return outcomes
+
+        outcomes = retrying(once, self.stop, self.conn.sleep)
+        if outcomes is None:
+            self.pending[:0] = batch
+            return False
+        settled: dict[int, list[tuple[int, bool]]] = {}
+        for (p, tag, _, _), outcome in zip(batch, outcomes, strict=True):
+            settled.setdefault(p, []).append((tag, outcome.status == "error"))
+        for p, deliveries in settled.items():
+            settle(self.channels[p], deliveries)
+        if self.on_outcome is not None:
+            for outcome in outcomes:
+                self.on_outcome(outcome)
+        return True
+
+    def rebalance(self, want: Sequence[int] | None) -> None:
+        """Consume the partitions in ``want`` (None: no change)."""
+        from engine.queue.rabbitmq import queue_name
+
+        if want is None:
+            return
+        lost = sorted(set(self.channels) - set(want))
+        gained = sorted(set(want) - set(self.channels))
+        if lost:  # what was delivered and not processed goes back to the queue, in order
+            self.pending[:] = [d for d in self.pending if d[0] not in lost]
+            for p in lost:
+                drop_channel(self.channels.pop(p))
+        for p in gained:
+            ch = self.conn.channel()
+            ch.basic_qos(prefetch_count=self.prefetch)
+            ch.basic_consume(queue_name(self.name, p), functools.partial(self.on_message, p), auto_ack=False)
+            self.channels[p] = ch
+        if lost or gained:
+            log.info("consuming", partitions=",".join(map(str, sorted(self.channels))) or "none",
+                     released=",".join(map(str, lost)), prefetch=self.prefetch)
+
+
+def drop_channel(ch: Any) -> None:
+    """Close a consuming channel without cancelling its consumer first.
+
+    RabbitMQ then treats the consumer as gone (as when a worker dies): in one step it puts every
+    message the channel had not acknowledged back at the head of the queue, in delivery order, and
+    makes the next single-active consumer active, which receives them first. A Basic.Cancel before
+    the close (what pika's ``close`` does) would make the next consumer active while this channel
+    still holds messages, and those would come back after later ones: a patient's order broken.
+    (Seen in tests/test_members.py. pika 1.x has no public call for this: the consumers are marked
+    as already cancelled on the channel implementation, so its ``close`` sends Channel.Close alone.)
+    """
+    impl = ch._impl
+    impl._cancelled.update(impl._consumers)
+    ch._consumer_infos.clear()
+    ch.close()
 
 
 def settle(ch: Any, deliveries: list[tuple[int, bool]]) -> None:
