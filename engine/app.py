@@ -14,6 +14,7 @@ from engine.errors import UnavailableError
 from engine.intake.receiver import Receiver
 from engine.intake.runtime import ChannelRuntime
 from engine.intake.store_client import StoreClient
+from engine.intake.watch import ProcessWatcher
 from engine.mllp.server import MLLPServer
 from engine.observe import ChannelEvents, get_logger, tune_gc
 from engine.settings import Settings
@@ -30,6 +31,7 @@ class Engine:
     settings: Settings
     servers: list[MLLPServer] = field(default_factory=list)
     store: StoreClient | None = None
+    watcher: ProcessWatcher | None = None
 
     @property
     def database_url(self) -> str:
@@ -41,20 +43,24 @@ class Engine:
         writers = 1 if db.is_sqlite(url) else (self.settings.store_writers or 1)
         self.store = StoreClient(url, self.settings, writers=writers)
         await self.store.start()
-        for ch in self.project.channels:
-            if not ch.config.enabled:
-                continue
+        channels = [ch for ch in self.project.channels if ch.config.enabled]
+        if any(ch.config.ack.after == "processed" for ch in channels):
+            self.watcher = ProcessWatcher(url)
+        for ch in channels:
             rt = ChannelRuntime.build(ch.name, ch.config)
             events = ChannelEvents(ch.name)
-            server = MLLPServer(rt, Receiver(rt, self.store, events), events)
+            server = MLLPServer(rt, Receiver(rt, self.store, events, self.watcher), events)
             await server.start()
             self.servers.append(server)
         log.info("engine started", channels=len(self.servers), store="sqlite" if db.is_sqlite(url) else "server",
                  queue=self.store.queue_name)
 
     async def stop(self) -> None:
+        # messages waiting for their processing (ack.after: processed) get this long too, then AE
         grace = max((s.rt.config.ack.timeout for s in self.servers), default=10.0) + 1
         await asyncio.gather(*(s.stop(grace) for s in self.servers))
+        if self.watcher is not None:
+            await self.watcher.close()
         if self.store is not None:
             if not await self.store.drain(grace):
                 log.warning("store writer still busy at stop", pending=self.store.pending)

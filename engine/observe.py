@@ -141,7 +141,7 @@ class ChannelEvents:
     def answered(self, outcome: str, ack_code: str, *, control_id: str, msg_type: str, size: int,
                  latency: float, reason: str = "") -> None:
         self.stats.add(outcome, ack_code, latency)
-        if outcome in ("accepted", "duplicate"):
+        if outcome in ("accepted", "duplicate", "processed", "filtered"):
             self.log.debug("message", outcome=outcome, ack=ack_code, control_id=control_id, type=msg_type,
                            size=size, ms=round(latency * 1000, 2))
         else:

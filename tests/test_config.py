@@ -523,9 +523,18 @@ def test_routes_name_channels_and_mappings_that_exist(cfg: Path) -> None:
                for line in lines), lines
 
 
-def test_ack_after_processed_is_refused_until_it_exists(cfg: Path) -> None:
-    write(cfg, "lab.yaml", minimal(2632, "lab") + "ack:\n  after: processed\n")
+def test_ack_after_processed_is_accepted_in_original_mode(cfg: Path) -> None:
+    write(cfg, "lab.yaml", minimal(2632, "lab") + "ack:\n  after: processed\n  processing_timeout: 45s\n")
+    code, lines = check(cfg)
+    assert code == 0, lines
+
+
+def test_ack_after_processed_needs_original_mode_and_a_longer_timeout(cfg: Path) -> None:
+    write(cfg, "lab.yaml", minimal(2632, "lab")
+          + "ack:\n  mode: enhanced\n  after: processed\n  timeout: 20s\n  processing_timeout: 5s\n")
     code, lines = check(cfg)
     assert code == 1
-    assert any(line.startswith("channels/lab.yaml:") and "ack.after: 'processed' is not available yet" in line
+    assert any(line.startswith("channels/lab.yaml:7:10: ack.after:") and "needs mode: original" in line
                for line in lines), lines
+    assert any(line.startswith("channels/lab.yaml:9:23: ack.processing_timeout:")
+               and "must not be shorter than timeout (20s)" in line for line in lines), lines

@@ -4,12 +4,14 @@ guarantees require (no AA before the store says the message is durable)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import pytest
 
 from engine.config.models import ChannelConfig
 from engine.intake.receiver import Pending, Receiver
 from engine.intake.runtime import ChannelRuntime
+from engine.intake.watch import Processed
 from engine.intake.writer import Job
 from engine.observe import ChannelEvents
 
@@ -219,3 +221,173 @@ def test_pending_answers_only_once() -> None:
     assert p.resolve(b"first")
     assert not p.resolve(b"second")
     assert p.data == b"first"
+
+
+# -- ack.after: processed ---------------------------------------------------------------------------
+
+class Watcher:
+    """Records what the receiver waits for; the test reports outcomes."""
+
+    def __init__(self) -> None:
+        self.waiting: dict[tuple[str, object], list[Callable[[Processed], None]]] = {}
+
+    def watch(self, callback: Callable[[Processed], None], *, uid: str | None = None,
+              message_id: int | None = None) -> Callable[[], None]:
+        key = ("uid", uid) if uid is not None else ("id", message_id)
+        self.waiting.setdefault(key, []).append(callback)
+
+        def cancel() -> None:
+            if callback in self.waiting.get(key, []):
+                self.waiting[key].remove(callback)
+                if not self.waiting[key]:
+                    del self.waiting[key]
+
+        return cancel
+
+    def report(self, key: tuple[str, object], status: str, step: str = "", reason: str = "") -> None:
+        for callback in self.waiting.pop(key, []):
+            callback(Processed(status, step, reason))
+
+
+def make_processed(cfg: dict | None = None) -> tuple[Receiver, Sink, Watcher]:
+    rt = ChannelRuntime.build("unit", ChannelConfig.model_validate(
+        {"accept": {"processing_ids": ["P", "T"]}, "ack": {"after": "processed", "processing_timeout": 30},
+         **(cfg or {})}))
+    sink, watcher = Sink(), Watcher()
+    return Receiver(rt, sink, ChannelEvents("unit"), watcher), sink, watcher
+
+
+def stored_in_processed_mode(raw: bytes) -> tuple[Sink, Watcher, Pending, Job]:
+    """A frame received on a processed-mode channel whose message the store reported accepted."""
+    r, sink, watcher = make_processed()
+    p = pending()
+    r.frame(raw, "127.0.0.1:1", True, p)
+    job = sink.answered_jobs[0]
+    sink.complete(job, "accepted")
+    return sink, watcher, p, job
+
+
+def test_processed_mode_answers_aa_only_after_processing() -> None:
+    sink, watcher, p, job = stored_in_processed_mode(msg("P1"))
+    assert not p.done, "durable is not enough: the record write is awaited"
+    uid = job.items[0].uid
+    assert list(watcher.waiting) == [("uid", uid)]
+    assert p.deadline == pytest.approx(p.t0 + 30), "the processing timeout replaces the store timeout"
+    watcher.report(("uid", uid), "processed")
+    assert p.done and code(p) == "AA" and b"MSA|AA|P1" in (p.data or b"")
+    assert p.data == job.items[0].ack, "the AA is the one stored at receipt"
+    assert not sink.records, "nothing to correct"
+
+
+def test_processed_mode_filtered_is_aa() -> None:
+    r, sink, watcher = make_processed()
+    p = pending()
+    r.frame(msg("F1"), "127.0.0.1:1", True, p)
+    sink.complete(sink.answered_jobs[0], "accepted")
+    watcher.report(("uid", sink.answered_jobs[0].items[0].uid), "filtered", "route", "no route matched")
+    assert code(p) == "AA"
+
+
+@pytest.mark.parametrize(("status", "step", "reason", "err"), [
+    ("error", "map", "OBX-5: required value missing", b"207^Application internal error"),
+    ("error", "route", "no route matches ORU^R01 from channel 'unit'", b"200^Unsupported message type"),
+    ("held", "order", "held: an earlier message of this patient (abc) failed; replay or skip it",
+     b"206^Application record locked"),
+])
+def test_processed_mode_failure_is_ae_with_the_reason(status: str, step: str, reason: str, err: bytes) -> None:
+    sink, watcher, p, job = stored_in_processed_mode(msg("E1"))
+    watcher.report(("uid", job.items[0].uid), status, step, reason)
+    assert code(p) == "AE"
+    data = p.data or b""
+    assert b"MSA|AE|E1|message stored but not processed (" + step.encode() + b": " in data
+    assert err in data and f"PROCESSING_{step.upper()}".encode() in data
+    correction = sink.records[-1].ack_corrections[0]
+    assert correction[:3] == (job.items[0].uid, "AE", data) and correction[3] is None, "the sent AE is recorded"
+
+
+def test_processed_mode_escapes_the_reason() -> None:
+    _, watcher, p, job = stored_in_processed_mode(msg("E2"))
+    watcher.report(("uid", job.items[0].uid), "error", "map", "bad value 'a|b^c' in OBX-5")
+    data = (p.data or b"").decode()
+    assert "a\\F\\b\\S\\c" in data and data.count("\r") == 3, data
+
+
+def test_processed_mode_timeout_is_ae_and_the_message_stays_queued() -> None:
+    sink, watcher, p, job = stored_in_processed_mode(msg("T1"))
+    assert p.processing
+    p.deadline = time.monotonic()  # as the sweep sees it 30 s later
+    p.expire()
+    assert code(p) == "AE"
+    assert b"PROCESSING_TIMEOUT" in (p.data or b"") and b"not processed within 30s" in (p.data or b"")
+    assert not watcher.waiting, "stopped watching"
+    assert sink.records[-1].ack_corrections[0][1] == "AE"
+    assert not job.expired, "the store outcome stands: the message is stored and queued"
+
+
+def test_processed_mode_resend_follows_the_original() -> None:
+    r, sink, watcher = make_processed()
+    p = pending()
+    r.frame(msg("D1"), "127.0.0.1:1", True, p)
+    job = sink.answered_jobs[0]
+    sink.complete(job, "duplicate")
+    job.items[0].duplicate_of = 41  # what the store reports for a resend
+    # (Sink.complete calls done before the test can set duplicate_of: replay the call)
+    p2 = pending()
+    r.frame(msg("D1"), "127.0.0.1:1", True, p2)
+    job2 = sink.answered_jobs[1]
+    for item in job2.items:
+        item.outcome, item.duplicate_of = "duplicate", 41
+    job2.done(job2)
+    assert ("id", 41) in watcher.waiting and not p2.done
+    watcher.report(("id", 41), "error", "map", "no OBR")
+    assert code(p2) == "AE"
+    assert code(p) == "AA", "a resend whose original is unknown is answered as stored"
+
+
+def test_processed_mode_store_failure_is_still_ae_at_once() -> None:
+    r, sink, watcher = make_processed()
+    p = pending()
+    r.frame(msg("S1"), "127.0.0.1:1", True, p)
+    sink.complete(sink.answered_jobs[0], "failed", "database down")
+    assert code(p) == "AE" and not watcher.waiting
+
+
+def test_processed_mode_batch_waits_for_every_message() -> None:
+    frame = batch(msg("B1"), msg("B2", version="9.9"), msg("B3"), msg("B4"))
+    _, watcher, p, job = stored_in_processed_mode(frame)
+    uids = [i.uid for i in job.items]
+    assert sorted(watcher.waiting) == sorted(("uid", u) for u in (uids[0], uids[2], uids[3]))
+    watcher.report(("uid", uids[0]), "processed")
+    watcher.report(("uid", uids[2]), "error", "map", "bad OBX")
+    assert not p.done, "B4 is not processed yet"
+    watcher.report(("uid", uids[3]), "processed")
+    text = (p.data or b"").decode()
+    assert text.count("MSA|") == 2 and "MSA|AR|B2|" in text and "MSA|AE|B3|" in text
+    assert "BTS|2|2 of 4 messages accepted" in text
+
+
+def test_processed_mode_batch_timeout_lists_the_unprocessed() -> None:
+    _, watcher, p, job = stored_in_processed_mode(batch(msg("B1"), msg("B2")))
+    watcher.report(("uid", job.items[0].uid), "processed")
+    assert p.processing
+    p.deadline = time.monotonic()
+    p.expire()
+    text = (p.data or b"").decode()
+    assert text.count("MSA|") == 1 and "MSA|AE|B2|" in text and "not processed within 30s" in text
+    assert not watcher.waiting
+
+
+def test_processed_mode_engine_stop_answers_ae_at_once() -> None:
+    r, sink, watcher = make_processed()
+    p = pending()
+    r.frame(msg("STOP1"), "127.0.0.1:1", True, p)
+    sink.complete(sink.answered_jobs[0], "accepted")
+    p.expire()  # what MLLPServer.stop does once its grace is over
+    assert code(p) == "AE" and b"not processed before the engine stopped" in (p.data or b"")
+    assert not watcher.waiting
+
+
+def test_processed_mode_needs_a_watcher() -> None:
+    rt = ChannelRuntime.build("unit", ChannelConfig.model_validate({"ack": {"after": "processed"}}))
+    with pytest.raises(ValueError, match="processing watcher"):
+        Receiver(rt, Sink(), ChannelEvents("unit"))

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
 
 from engine.hl7.charsets import python_codec
 
@@ -127,22 +127,34 @@ class AcceptConfig(Strict):
 
 
 class AckConfig(Strict):
-    @field_validator("after")
-    @classmethod
-    def _after(cls, v: str) -> str:
-        if v == "processed":
-            raise ValueError("'processed' is not available yet: the engine acknowledges once the message is "
-                             "durable (stored and queued); use 'stored', and follow processing with "
-                             "hl7engine messages --status error")
-        return v
-
     mode: Literal["original", "enhanced"] = "original"
     after: Literal["stored", "processed"] = Field(
-        default="stored", description="stored: AA once durable. processed (AA only after the record commit) is "
-        "not available yet")
+        default="stored", description="stored: AA once the message is durable (stored and queued). processed: "
+        "AA only once a worker has written it to the record (or filtered it); AE with the reason when "
+        "processing failed or did not finish within processing_timeout")
     timeout: Duration = Field(default=10.0, gt=0, description="answer AE if the message is not durable by then")
+    processing_timeout: Duration = Field(
+        default=30.0, gt=0, description="with after: processed, answer AE if the message is not processed by "
+        "then (it stays stored and queued; a resend is answered with its outcome)")
     application: str = Field(default="HL7ENGINE", description="our MSH-3 when the sender left MSH-5 empty")
     facility: str = Field(default="", description="our MSH-4 when the sender left MSH-6 empty")
+
+    @field_validator("after")
+    @classmethod
+    def _after(cls, v: str, info: ValidationInfo) -> str:
+        if v == "processed" and info.data.get("mode") == "enhanced":
+            raise ValueError("'processed' needs mode: original; in enhanced mode the commit ACK (CA) is sent once "
+                             "the message is stored, and application ACKs are not sent")
+        return v
+
+    @field_validator("processing_timeout")
+    @classmethod
+    def _processing_timeout(cls, v: float, info: ValidationInfo) -> float:
+        timeout = info.data.get("timeout")
+        if isinstance(timeout, float | int) and v < timeout:
+            raise ValueError(f"processing_timeout ({v:g}s) must not be shorter than timeout ({timeout:g}s): "
+                             "processing starts once the message is stored")
+        return v
 
 
 class ChannelConfig(Strict):

@@ -3,7 +3,10 @@
 ``Receiver.frame`` reads the MSH, applies the channel's policy, hands the message to the store
 writer and answers through a ``Pending`` once the outcome is known:
 
-- AA (CA in enhanced mode) only after the message and its queue entry are committed;
+- AA (CA in enhanced mode) only after the message and its queue entry are committed; on a channel
+  with ``ack.after: processed``, only once a worker has also written it to the record (or filtered
+  it): AE with the step and reason when processing failed (or the patient's stream is parked), or
+  when it did not finish within ``ack.processing_timeout`` (the message stays stored and queued);
 - AE (CE) when the store or the broker failed or did not answer within the ACK timeout;
 - AR (CR) when the message is refused: no MSH, unusable delimiters, required MSH fields empty,
   unsupported version or processing ID, oversize, LF segments on a strict channel, several
@@ -24,6 +27,7 @@ from engine.hl7.batch import Batch, batch_response, is_batch, split_batch
 from engine.hl7.header import Header, read_header, salvage_header
 from engine.intake.item import Item, new_uid
 from engine.intake.runtime import ChannelRuntime
+from engine.intake.watch import Processed
 from engine.intake.writer import Job
 from engine.observe import ChannelEvents
 
@@ -31,7 +35,7 @@ from engine.observe import ChannelEvents
 class Pending:
     """The answer owed for one frame. The connection writes answers in frame order."""
 
-    __slots__ = ("data", "deadline", "done", "notify", "on_timeout", "t0")
+    __slots__ = ("data", "deadline", "done", "notify", "on_timeout", "processing", "t0")
 
     def __init__(self, t0: float, deadline: float, notify: Callable[[], None]) -> None:
         self.t0 = t0
@@ -40,6 +44,7 @@ class Pending:
         self.done = False
         self.data: bytes | None = None
         self.on_timeout: Callable[[], None] | None = None
+        self.processing = False  # durable, waiting for its processing outcome (ack.after: processed)
 
     def resolve(self, data: bytes | None) -> bool:
         """Set the answer (None: nothing is sent, e.g. enhanced mode with MSH-15 NE). First wins."""
@@ -52,7 +57,8 @@ class Pending:
         return True
 
     def expire(self) -> None:
-        """Called when the ACK timeout passed without an outcome."""
+        """Called when the ACK timeout passed without an outcome (or, for a message waiting for its
+        processing, when the engine stops)."""
         if self.done:
             return
         if self.on_timeout is not None:
@@ -67,6 +73,17 @@ class Sink(Protocol):
     def submit(self, job: Job) -> None: ...
 
 
+class Watcher(Protocol):
+    """Tells when a stored message has been processed (``ProcessWatcher``, or a fake in tests)."""
+
+    def watch(self, callback: Callable[[Processed], None], *, uid: str | None = None,
+              message_id: int | None = None) -> Callable[[], None]: ...
+
+
+# HL7 table 0357 code for an AE after processing, by the step that failed
+PROCESSING_ERROR_CODES = {"route": "200", "order": "206"}
+
+
 def _wall_deadline(pending: Pending) -> float:
     return time.time() + (pending.deadline - time.monotonic())
 
@@ -77,10 +94,14 @@ def _enhanced(rt: ChannelRuntime, h: Header | None) -> bool:
 
 
 class Receiver:
-    def __init__(self, rt: ChannelRuntime, writer: Sink, events: ChannelEvents) -> None:
+    def __init__(self, rt: ChannelRuntime, writer: Sink, events: ChannelEvents, watcher: Watcher | None = None) -> None:
         self.rt = rt
         self.writer = writer
         self.events = events
+        self.watcher = watcher
+        self.after_processed = rt.config.ack.after == "processed"
+        if self.after_processed and watcher is None:
+            raise ValueError(f"channel {rt.name}: ack.after processed needs a processing watcher")
 
     # -- entry points ------------------------------------------------------------------------------
 
@@ -183,6 +204,8 @@ class Receiver:
                 self.writer.submit(Job([], _ignore, time.time() + 60, record_only=True, key=item.peer,
                                        ack_corrections=[(item.uid, item.ack_code, item.ack, note)]))
                 return
+            if self.after_processed and not enhanced and self._await_processing(pending, item):
+                return
             send = not enhanced or enhanced_wants_ack(item.header.accept_ack_type if item.header else "",
                                                       item.ack_code or "")
             pending.resolve(item.ack if send else None)
@@ -190,6 +213,73 @@ class Receiver:
                                  msg_type=item.type_label, size=item.size, latency=latency)
             return
         self._failed(pending, enhanced, item, item.failure, item.failure_service)
+
+    # -- ack.after: processed ----------------------------------------------------------------------
+
+    def _watch(self, item: Item, callback: Callable[[Processed], None]) -> Callable[[], None] | None:
+        """Follow ``item`` (a resend: its original) until processed; None if there is nothing to follow."""
+        assert self.watcher is not None
+        if item.outcome == "duplicate":
+            if item.duplicate_of is None:
+                return None
+            return self.watcher.watch(callback, message_id=item.duplicate_of)
+        return self.watcher.watch(callback, uid=item.uid)
+
+    def _await_processing(self, pending: Pending, item: Item) -> bool:
+        """The message is durable: answer once it is processed, or at the processing timeout."""
+        cancel = self._watch(item, partial(self._processed, pending, item))
+        if cancel is None:
+            return False
+        pending.deadline = pending.t0 + self.rt.config.ack.processing_timeout
+        pending.on_timeout = partial(self._processing_timeout, pending, item, cancel)
+        pending.processing = True
+        return True
+
+    def _processed(self, pending: Pending, item: Item, result: Processed) -> None:
+        if pending.done:
+            return
+        latency = time.monotonic() - pending.t0
+        if result.ok:
+            pending.resolve(item.ack)
+            self.events.answered(result.status, item.ack_code or "", control_id=item.control_id,
+                                 msg_type=item.type_label, size=item.size, latency=latency)
+            return
+        ack = self._processing_ack(item, result)
+        pending.resolve(ack)
+        self._correct(item, "AE", ack)
+        self.events.answered(result.status, "AE", control_id=item.control_id, msg_type=item.type_label,
+                             size=item.size, latency=latency, reason=f"PROCESSING_{result.step.upper() or 'ERROR'}")
+
+    def _processing_ack(self, item: Item, result: Processed) -> bytes:
+        step = result.step or result.status
+        text = f"message stored but not processed ({step}: {result.reason or result.status})"
+        if len(text) > 500:
+            text = text[:497] + "..."
+        code = PROCESSING_ERROR_CODES.get(step, "207")
+        return self.rt.acks.build(item.header, "AE", [HL7Error(code, f"PROCESSING_{step.upper()}", text)])
+
+    def _unprocessed_ack(self, pending: Pending, item: Item) -> bytes:
+        if time.monotonic() < pending.deadline - 0.05:  # expired early: the engine is stopping
+            waited = "before the engine stopped"
+        else:
+            waited = f"within {self.rt.config.ack.processing_timeout:g}s"
+        return self.rt.acks.build(item.header, "AE", [HL7Error(
+            "207", "PROCESSING_TIMEOUT", f"message stored and queued but not processed {waited}; it will be "
+            "processed, and a resend is answered with its outcome")])
+
+    def _processing_timeout(self, pending: Pending, item: Item, cancel: Callable[[], None]) -> None:
+        cancel()
+        ack = self._unprocessed_ack(pending, item)
+        pending.resolve(ack)
+        self._correct(item, "AE", ack)
+        self.events.answered("unprocessed", "AE", control_id=item.control_id, msg_type=item.type_label,
+                             size=item.size, latency=time.monotonic() - pending.t0, reason="PROCESSING_TIMEOUT")
+
+    def _correct(self, item: Item, code: str, ack: bytes) -> None:
+        """The stored ACK is the one prepared at receipt: record the one that was sent instead."""
+        item.ack_code, item.ack = code, ack
+        self.writer.submit(Job([], _ignore, time.time() + 60, record_only=True, key=item.peer,
+                               ack_corrections=[(item.uid, code, ack, None)]))
 
     def _single_timeout(self, job: Job, pending: Pending, enhanced: bool) -> None:
         job.expired = True
@@ -283,6 +373,9 @@ class Receiver:
     def _batch_done(self, pending: Pending, batch: Batch, codec: str, note: str, job: Job) -> None:
         if job.expired:
             return
+        if (self.after_processed and all(it.outcome != "failed" for it in job.items)
+                and self._batch_await(pending, batch, codec, note, job)):
+            return
         acks: list[str] = []
         failed: list[Item] = []
         for item in job.items:
@@ -305,6 +398,60 @@ class Receiver:
                 item.error = item.error or f"{item.failure_service}: {item.failure}"
                 item.outcome, item.duplicate_of = "", None
             self._record(job.items)
+
+    def _batch_await(self, pending: Pending, batch: Batch, codec: str, note: str, job: Job) -> bool:
+        """ack.after processed: answer the batch once each stored message is processed (or at the
+        processing timeout), listing those that failed or did not finish."""
+        results: dict[int, Processed] = {}
+        cancels: list[Callable[[], None]] = []
+        followed: set[int] = set()
+
+        def finish() -> None:
+            for cancel in cancels:
+                cancel()
+            if pending.done:
+                return
+            acks: list[str] = []
+            latency = time.monotonic() - pending.t0
+            for i, item in enumerate(job.items):
+                result = results.get(i)
+                outcome, reason = {"recorded": "refused"}.get(item.outcome, item.outcome), item.error or ""
+                if i in followed:
+                    if result is None:
+                        ack = self._unprocessed_ack(pending, item)
+                        outcome, reason = "unprocessed", "PROCESSING_TIMEOUT"
+                    elif not result.ok:
+                        ack = self._processing_ack(item, result)
+                        outcome, reason = result.status, f"PROCESSING_{result.step.upper() or 'ERROR'}"
+                    else:
+                        ack = b""
+                        outcome = result.status
+                    if ack:
+                        self._correct(item, "AE", ack)
+                        acks.append(ack.decode(codec, "replace"))
+                elif item.status == "error" and item.ack:
+                    acks.append(item.ack.decode(codec, "replace"))
+                self.events.answered(outcome, item.ack_code or "", control_id=item.control_id,
+                                     msg_type=item.type_label, size=item.size, latency=latency, reason=reason)
+            self._batch_answer(pending, batch, acks, codec, total=len(job.items), note=note)
+
+        def one(i: int, result: Processed) -> None:
+            results[i] = result
+            if len(results) == len(followed):
+                finish()
+
+        for i, item in enumerate(job.items):
+            if item.outcome in ("accepted", "duplicate"):
+                cancel = self._watch(item, partial(one, i))
+                if cancel is not None:
+                    followed.add(i)
+                    cancels.append(cancel)
+        if not followed:
+            return False
+        pending.deadline = pending.t0 + self.rt.config.ack.processing_timeout
+        pending.on_timeout = finish
+        pending.processing = True
+        return True
 
     def _batch_timeout(self, job: Job, pending: Pending, batch: Batch, codec: str) -> None:
         job.expired = True

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from sqlalchemy import Connection, Dialect, Engine, bindparam, select, update
+from sqlalchemy import Connection, Dialect, Engine, bindparam, func, select, update
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from engine.errors import UnavailableError
@@ -63,8 +63,8 @@ class Job:
     record_only: bool = False  # a refused or failed message recorded for the operators
     key: str = ""  # the connection it came from: its jobs are written in order by one writer
     expired: bool = False  # set by the event loop when the ACK timeout answered for it
-    # corrections of rows already stored: (uid, ack code, ack bytes, error text)
-    ack_corrections: list[tuple[str, str | None, bytes | None, str]] = field(default_factory=list)
+    # corrections of rows already stored: (uid, ack code, ack bytes, error text; None keeps the error)
+    ack_corrections: list[tuple[str, str | None, bytes | None, str | None]] = field(default_factory=list)
 
     def wire(self, job_id: int) -> tuple[Any, ...]:
         return job_id, self.deadline, self.record_only, [it.wire() for it in self.items], self.ack_corrections
@@ -78,7 +78,7 @@ class WireJob:
     deadline: float
     record_only: bool
     records: list[Record]
-    corrections: list[tuple[str, str | None, bytes | None, str]]
+    corrections: list[tuple[str, str | None, bytes | None, str | None]]
 
     @classmethod
     def from_wire(cls, t: tuple[Any, ...]) -> WireJob:
@@ -178,7 +178,8 @@ class BatchWriter:
             if corrections:
                 conn.execute(
                     update(messages).where(messages.c.uid == bindparam("u"))
-                    .values(ack_code=bindparam("c"), ack=bindparam("a"), error=bindparam("e"), updated_at=now),
+                    .values(ack_code=bindparam("c"), ack=bindparam("a"), updated_at=now,
+                            error=func.coalesce(bindparam("e", type_=messages.c.error.type), messages.c.error)),
                     [{"u": u, "c": c, "a": a, "e": e} for u, c, a, e in corrections],
                 )
             if records:

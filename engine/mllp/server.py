@@ -234,6 +234,10 @@ class MLLPServer:
         while any(c.pending for c in self.connections) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         for conn in list(self.connections):
+            # stored messages still waiting for their processing are answered AE (they stay queued)
+            for p in list(conn.pending):
+                if p.processing and not p.done:
+                    p.expire()
             conn.close("engine stopping")
         if self._sweeper is not None:
             self._sweeper.cancel()

@@ -1,0 +1,76 @@
+"""ProcessWatcher against the message store (SQLite and PostgreSQL): callbacks fire once a watched
+message reaches a final status, by uid or by row id; a store that cannot be read is waited out."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import insert, update
+
+from engine.intake.watch import Processed, ProcessWatcher
+from engine.store.schema import messages
+
+
+def add(engine: Any, uid: str) -> int:
+    with engine.begin() as conn:
+        return int(conn.execute(insert(messages).values(
+            uid=uid, channel="lab", received_at=datetime.now(UTC), size=3, sha256="0" * 64, accepted=True,
+            status="queued", raw=b"MSH").returning(messages.c.id)).scalar_one())
+
+
+def set_status(engine: Any, uid: str, status: str, step: str | None = None, error: str | None = None) -> None:
+    with engine.begin() as conn:
+        conn.execute(update(messages).where(messages.c.uid == uid)
+                     .values(status=status, error_step=step, error=error))
+
+
+def test_callbacks_fire_on_final_statuses(db_url: str, engine: Any) -> None:
+    first = add(engine, "w1")
+    add(engine, "w2")
+    add(engine, "w3")
+
+    async def scenario() -> dict[str, Processed]:
+        watcher = ProcessWatcher(db_url, interval=0.01)
+        seen: dict[str, Processed] = {}
+        watcher.watch(lambda r: seen.__setitem__("w1", r), uid="w1")
+        watcher.watch(lambda r: seen.__setitem__("resend-of-w1", r), message_id=first)
+        watcher.watch(lambda r: seen.__setitem__("w2", r), uid="w2")
+        cancel = watcher.watch(lambda r: seen.__setitem__("w3", r), uid="w3")
+        await asyncio.sleep(0.1)
+        assert not seen and watcher.watching == 4, "queued is not final"
+        await asyncio.to_thread(set_status, engine, "w1", "processing")
+        await asyncio.sleep(0.1)
+        assert not seen
+        cancel()
+        await asyncio.to_thread(set_status, engine, "w1", "processed")
+        await asyncio.to_thread(set_status, engine, "w2", "error", "map", "OBX-3 missing")
+        await asyncio.to_thread(set_status, engine, "w3", "filtered", "route", "no route matched")
+        for _ in range(200):
+            if len(seen) == 3:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        assert watcher.watching == 0
+        await watcher.close()
+        return seen
+
+    seen = asyncio.run(scenario())
+    assert seen == {"w1": Processed("processed"), "resend-of-w1": Processed("processed"),
+                    "w2": Processed("error", "map", "OBX-3 missing")}, "w3 was no longer watched"
+    assert seen["w1"].ok and not seen["w2"].ok
+
+
+def test_an_unreadable_store_is_waited_out(tmp_path: Any) -> None:
+    async def scenario() -> int:
+        watcher = ProcessWatcher("postgresql+psycopg://nobody@127.0.0.1:1/none", interval=0.01)
+        seen: list[Processed] = []
+        watcher.watch(seen.append, uid="x")
+        await asyncio.sleep(0.3)
+        assert not seen
+        n = watcher.watching
+        await watcher.close()
+        return n
+
+    assert asyncio.run(scenario()) == 1, "still waiting: the ACK timeout answers, not the watcher"
