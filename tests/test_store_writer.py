@@ -88,6 +88,24 @@ def test_identical_messages_in_one_transaction(url: str) -> None:
     assert len(queue_rows(url)) == 1
 
 
+def test_resends_of_a_stored_message_twice_in_one_transaction(url: str) -> None:
+    """Both copies point at the stored original; neither is queued."""
+    w = BatchWriter(db.make_engine(url, writer=True), DatabaseQueue())
+    first = wire_job(msg("TWICE"))
+    write(w, first)
+    again, new, again2 = wire_job(msg("TWICE")), wire_job(msg("FRESH")), wire_job(msg("TWICE"))
+    write(w, again, new, again2)
+    assert [j.records[0].outcome for j in (again, new, again2)] == ["duplicate", "accepted", "duplicate"]
+    rows = {r["uid"]: r for r in store_rows(url)}
+    original = rows[first.records[0].uid]["id"]
+    for j in (again, again2):
+        row = rows[j.records[0].uid]
+        assert (row["status"], row["accepted"], row["duplicate_of"]) == ("duplicate", False, original)
+        assert j.records[0].duplicate_of == original
+    assert rows[new.records[0].uid]["status"] == "queued"
+    assert [q["message_uid"] for q in queue_rows(url)] == [first.records[0].uid, new.records[0].uid]
+
+
 def test_refused_messages_are_recorded_not_queued(url: str) -> None:
     w = BatchWriter(db.make_engine(url, writer=True), DatabaseQueue())
     j = wire_job(msg("REF"), status="error")
