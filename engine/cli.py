@@ -357,22 +357,29 @@ def _read_store(config: Path, read: Callable[[Any], T]) -> T:
 def messages(
     ctx: typer.Context,
     status: Annotated[str | None, typer.Option(help="received, queued, processing, processed, filtered, "
-                                                    "error, replayed or duplicate")] = None,
+                                                    "error, held, replayed or duplicate")] = None,
     channel: Annotated[str | None, typer.Option(help="channel name")] = None,
     control_id: Annotated[str | None, typer.Option("--control-id", help="MSH-10")] = None,
+    patient: Annotated[str | None, typer.Option(
+        help="a patient identifier (PID-3, PID-2, PID-4, MRG-1), e.g. 4711 or 4711^MINSKLAB for one "
+             "assigning authority")] = None,
+    order: Annotated[str | None, typer.Option(
+        help="an order number: accession (filler, OBR-3/ORC-3), placer (OBR-2/ORC-2) or specimen ID "
+             "(SPM-2); value or value^namespace")] = None,
     limit: Annotated[int, typer.Option(help="most recent N")] = 100,
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines")] = False,
     config: ConfigDir = Path("."),
 ) -> None:
-    """List stored messages, newest first."""
+    """List stored messages, newest first. --patient and --order find the messages a worker has taken
+    (and, after `hl7engine messages reindex`, the others)."""
     if ctx.invoked_subcommand is not None:
         ctx.obj = config
         return
     from engine.store.query import MessageFilter, list_messages
 
     try:
-        rows = _read_store(config, lambda engine: list_messages(engine, MessageFilter(status, channel, control_id,
-                                                                                       limit)))
+        rows = _read_store(config, lambda engine: list_messages(engine, MessageFilter(
+            status, channel, control_id, patient=patient, order=order, limit=limit)))
     except ValueError as exc:
         _fail(str(exc), 2)
     if as_json:
@@ -397,7 +404,8 @@ def messages_show(
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object")] = False,
     config: Annotated[Path | None, typer.Option("--config", "-c", file_okay=False, resolve_path=True)] = None,
 ) -> None:
-    """Show one message: metadata, raw text (segments one per line) and the ACK sent."""
+    """Show one message: metadata, its patient and order keys, raw text (segments one per line) and the
+    ACK sent."""
     from engine.store.query import get_message, summary
 
     cfg = config or (ctx.obj if isinstance(ctx.obj, Path) else Path(".").resolve())
@@ -412,6 +420,9 @@ def messages_show(
         "sending_facility", "status", "ack_code", "error_step", "error", "size", "duplicate_of")})
     info.update({"uid": row["uid"], "peer": row["peer"], "version": row["version"], "charset": codec,
                  "sha256": row["sha256"], "partition": row["partition"], "batch_uid": row["batch_uid"]})
+    for kind in ("patient", "order"):
+        found = [f"{v}^{a}" if a else v for k, v, a in row["keys"] if k == kind]
+        info[f"{kind}_keys"] = ", ".join(found) if found else None
     if as_json:
         typer.echo(json.dumps({**info, "raw": raw, "ack": ack}, ensure_ascii=False))
         return
@@ -423,6 +434,16 @@ def messages_show(
     if ack:
         typer.echo("--- ACK sent ---")
         typer.echo("\n".join(s for s in ack.split("\r") if s))
+
+
+@messages_app.command("reindex")
+def messages_reindex(config: ConfigDir = Path(".")) -> None:
+    """Index, for --patient and --order, the messages no worker has indexed: refused ones, and those
+    stored before this engine version. Safe to run at any time, and again."""
+    from engine.store.keys import reindex
+
+    read, written = _read_store(config, reindex)
+    typer.echo(f"indexed {read} message(s): {written} patient and order key(s)")
 
 
 @messages_app.command("replay")

@@ -24,6 +24,7 @@ from engine.intake.writer import BatchWriter, Job, WireJob
 from engine.queue.dbqueue import DatabaseQueue
 from engine.settings import Settings
 from engine.store import db
+from engine.store.query import MessageFilter, list_messages
 from tests.support import queue_rows, store_rows
 
 
@@ -108,11 +109,14 @@ def test_resends_of_a_stored_message_twice_in_one_transaction(url: str) -> None:
 
 def test_refused_messages_are_recorded_not_queued(url: str) -> None:
     w = BatchWriter(db.make_engine(url, writer=True), DatabaseQueue())
-    j = wire_job(msg("REF"), status="error")
+    j = wire_job(msg("REF", patient="4711"), status="error")
     write(w, j)
     assert j.records[0].outcome == "recorded"
     assert store_rows(url)[0]["status"] == "error"
     assert queue_rows(url) == []
+    # no worker will see it: the writer indexes it, so a search by patient finds it
+    found = list_messages(db.make_engine(url), MessageFilter(patient="4711^WLAB"))
+    assert [r["control_id"] for r in found] == ["REF"]
 
 
 class BrokenQueue:

@@ -23,6 +23,7 @@ from engine.errors import UnavailableError
 from engine.intake.item import MESSAGE_COLUMNS, Item, Record
 from engine.observe import get_logger
 from engine.store.bulk import in_list, insert_rows, time_adapter
+from engine.store.keys import keys_of, write_keys
 from engine.store.schema import messages
 
 log = get_logger("engine.store")
@@ -202,6 +203,7 @@ class BatchWriter:
                 finally:
                     cursor.close()
                 self._link_batch_duplicates(conn, records)
+                self._index_refused(conn, records)
                 txn.keys = {_key(r) for r in txn.accepted}
                 for k in txn.keys:
                     self._inflight[k] = self._inflight.get(k, 0) + 1
@@ -341,6 +343,17 @@ class BatchWriter:
         for r in records:
             if r.duplicate_of_uid:
                 r.duplicate_of = ids.get(r.uid)
+
+    @staticmethod
+    def _index_refused(conn: Connection, records: list[Record]) -> None:
+        """Refused messages never reach a worker: their patient and order keys are written here, so
+        ``hl7engine messages --patient`` finds them too (rare, so off the accepted messages' path)."""
+        refused = {r.uid: keys_of(r.raw, r.charset) for r in records if r.status == "error"}
+        refused = {uid: keys for uid, keys in refused.items() if keys}
+        if not refused:
+            return
+        ids = dict(conn.execute(select(messages.c.uid, messages.c.id).where(messages.c.uid.in_(list(refused)))).all())
+        write_keys(conn, {ids[uid]: keys for uid, keys in refused.items() if uid in ids})
 
     @staticmethod
     def _fail(records: list[Record], reason: str, service: str) -> None:

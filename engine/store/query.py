@@ -8,7 +8,8 @@ from typing import Any
 
 from sqlalchemy import Engine, select
 
-from engine.store.schema import STATUSES, messages
+from engine.store.keys import keys_for, parse_query
+from engine.store.schema import STATUSES, message_keys, messages
 
 LIST_COLUMNS = (
     messages.c.id, messages.c.channel, messages.c.received_at, messages.c.message_type, messages.c.trigger_event,
@@ -22,6 +23,8 @@ class MessageFilter:
     status: str | None = None
     channel: str | None = None
     control_id: str | None = None
+    patient: str | None = None  # a patient identifier, optionally ``value^authority``
+    order: str | None = None  # an order number (placer, filler/accession, specimen), ``value^namespace``
     limit: int = 100
     before_id: int | None = None
 
@@ -38,6 +41,14 @@ def list_messages(engine: Engine, f: MessageFilter) -> list[dict[str, Any]]:
         q = q.where(messages.c.channel == f.channel)
     if f.control_id:
         q = q.where(messages.c.control_id == f.control_id)
+    for kind, text in (("patient", f.patient), ("order", f.order)):
+        if text:
+            value, authority = parse_query(text)
+            keyed = select(message_keys.c.message_id).where(message_keys.c.value == value,
+                                                            message_keys.c.kind == kind)
+            if authority is not None:
+                keyed = keyed.where(message_keys.c.authority == authority)
+            q = q.where(messages.c.id.in_(keyed))
     if f.before_id:
         q = q.where(messages.c.id < f.before_id)
     with engine.connect() as conn:
@@ -65,6 +76,9 @@ def summary(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def get_message(engine: Engine, message_id: int) -> dict[str, Any] | None:
+    """One stored message, with its search keys under ``keys`` (kind, value, authority)."""
     with engine.connect() as conn:
         row = conn.execute(select(messages).where(messages.c.id == message_id)).first()
-    return dict(row._mapping) if row is not None else None
+        if row is None:
+            return None
+        return {**row._mapping, "keys": keys_for(conn, [message_id]).get(message_id, [])}

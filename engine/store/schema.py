@@ -109,6 +109,22 @@ Index("ix_messages_status_attention", messages.c.status, messages.c.id,
       sqlite_where=messages.c.status.notin_(["queued", "processed"]),
       postgresql_where=messages.c.status.notin_(["queued", "processed"]))
 
+# What operators search messages by (``hl7engine messages --patient/--order``): the patient
+# identifiers (PID-2/3/4, MRG-1) and order numbers (ORC/OBR placer and filler, SPM specimen IDs) of
+# each message, written by the worker that takes it (off the receiving path, whose indexes are
+# kept few) and by ``hl7engine messages reindex`` for the rest.
+message_keys = Table(
+    "message_keys",
+    metadata,
+    # no foreign key: the row is written in the transaction that reads the message (a per-row check
+    # would cost the workers ~3% for nothing)
+    Column("message_id", Id, primary_key=True),
+    Column("kind", String(16), primary_key=True),  # patient | order
+    Column("value", String(100), primary_key=True),  # CX-1 / EI-1
+    Column("authority", String(100), primary_key=True, default=""),  # CX-4.1 / EI-2, or ""
+)
+Index("ix_message_keys_value", message_keys.c.value, message_keys.c.kind)
+
 queue_entries = Table(
     "queue_entries",
     metadata,

@@ -27,6 +27,7 @@ from engine.errors import EngineError, HL7Error
 from engine.hl7.charsets import decode
 from engine.hl7.message import Message
 from engine.observe import get_logger
+from engine.store.keys import Key, search_keys, write_keys
 from engine.store.schema import message_events, messages, parked_patients
 from engine.worker.metrics import Reporter
 from engine.worker.router import MessageKey, Router
@@ -111,6 +112,7 @@ class Processor:
                 for wave in self._waves(items, batch):
                     self._run_wave(conn, items, wave, batch, outcomes)
                 self._write_marks(conn, batch.marks)
+                write_keys(conn, batch.search)
         except DBAPIError as exc:
             if self.reporter is not None:
                 self.reporter.retry()
@@ -290,6 +292,7 @@ class Processor:
                     batch.parsed[uid] = exc
                     continue
                 batch.parsed[uid] = msg
+            batch.search[row.id] = search_keys(msg)
             key = patient_key(msg, row.sending_facility or "")
             if key is not None:
                 batch.keys[uid] = key
@@ -419,6 +422,7 @@ class _Batch:
     parsed: dict[str, Message | HL7Error] = field(default_factory=dict)
     mapped: dict[str, Any] = field(default_factory=dict)  # uid -> mapped facts, FILTERED or PermanentError
     keys: dict[str, str] = field(default_factory=dict)  # uid -> patient key
+    search: dict[int, list[Key]] = field(default_factory=dict)  # message id -> search keys (message_keys)
     parked: dict[str, str] = field(default_factory=dict)  # patient key -> uid of the message that parked it
     marks: list[dict[str, Any]] = field(default_factory=list)
 
