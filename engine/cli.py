@@ -443,7 +443,8 @@ def messages_reindex(config: ConfigDir = Path(".")) -> None:
     from engine.store.keys import reindex
 
     read, written = _read_store(config, reindex)
-    typer.echo(f"indexed {read} message(s): {written} patient and order key(s)")
+    typer.echo(f"read {read} message(s) without keys, wrote {written} patient and order key(s)"
+               + (" (the others hold no patient identifier or order number)" if read and written == 0 else ""))
 
 
 @messages_app.command("replay")
