@@ -366,6 +366,8 @@ def messages(
     order: Annotated[str | None, typer.Option(
         help="an order number: accession (filler, OBR-3/ORC-3), placer (OBR-2/ORC-2) or specimen ID "
              "(SPM-2); value or value^namespace")] = None,
+    step: Annotated[str | None, typer.Option(
+        help="the step that failed: receive, store, enqueue, parse, validate, route, map, record, order")] = None,
     limit: Annotated[int, typer.Option(help="most recent N")] = 100,
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines")] = False,
     config: ConfigDir = Path("."),
@@ -379,7 +381,7 @@ def messages(
 
     try:
         rows = _read_store(config, lambda engine: list_messages(engine, MessageFilter(
-            status, channel, control_id, patient=patient, order=order, limit=limit)))
+            status, channel, control_id, patient=patient, order=order, step=step, limit=limit)))
     except ValueError as exc:
         _fail(str(exc), 2)
     if as_json:
@@ -449,11 +451,67 @@ def messages_reindex(config: ConfigDir = Path(".")) -> None:
 
 @messages_app.command("replay")
 def messages_replay(
-    message_id: Annotated[int, typer.Argument(help="the message's id (hl7engine messages --status error)")],
+    message_id: Annotated[int | None, typer.Argument(
+        help="the message's id (hl7engine messages --status error); leave out to replay every failed "
+             "message matching the options")] = None,
+    channel: Annotated[str | None, typer.Option(help="only failed messages of this channel")] = None,
+    step: Annotated[str | None, typer.Option(help="only those that failed at this step, e.g. map")] = None,
+    patient: Annotated[str | None, typer.Option(help="only those of this patient identifier")] = None,
+    order: Annotated[str | None, typer.Option(help="only those of this order number")] = None,
+    every: Annotated[bool, typer.Option("--all", help="every failed message (needed when no other option "
+                                                      "narrows them)")] = False,
+    limit: Annotated[int, typer.Option(help="at most N messages, oldest first")] = 10_000,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="only list what would be replayed")] = False,
     config: ConfigDir = Path("."),
 ) -> None:
-    """Queue a failed message again, then the messages of its patient held behind it, in order."""
-    _release(config, message_id, skip=False)
+    """Queue a failed message again, then the messages of its patient held behind it, in order.
+    Without an ID: every message that failed in processing and matches the options, oldest first
+    (after fixing a mapping: --step map --channel lab)."""
+    if message_id is not None:
+        if channel or step or patient or order or every:
+            _fail("give a message ID or options that select messages, not both", 2)
+        _release(config, message_id, skip=False)
+        return
+    if not (channel or step or patient or order or every):
+        _fail("which messages? give a message ID, or --channel, --step, --patient, --order, or --all", 2)
+    from engine.store.query import MessageFilter, replayable_ids
+    from engine.worker.replay import Requeue, release
+
+    wanted = MessageFilter(channel=channel, step=step, patient=patient, order=order, limit=limit)
+    ids = _read_store(config, lambda engine: replayable_ids(engine, wanted))
+    if dry_run or not ids:
+        verb = "would replay" if dry_run else "replayed"
+        typer.echo(f"{verb} {len(ids)} failed message(s)" + (f": {_id_list(ids)}" if ids else ""))
+        return
+    engine = _store_engine(config)
+    settings = _settings()
+    requeue = Requeue(settings)  # one broker connection for them all
+    replayed: list[int] = []
+    queued = 0
+    problems: list[str] = []
+    try:
+        for mid in ids:
+            try:
+                done = release(engine, settings, mid, skip=False, requeue=requeue)
+            except EngineError as exc:  # changed meanwhile (replayed by someone else, ...), or the broker failed
+                problems.append(f"{mid}: {exc}")
+                continue
+            replayed.append(mid)
+            queued += len(done.queued)
+    finally:
+        requeue.close()
+        engine.dispose()
+    typer.echo(f"replayed {len(replayed)} failed message(s); {queued} message(s) queued again "
+               f"(held ones included)" + (f": {_id_list(replayed)}" if replayed else ""))
+    for line in problems:
+        typer.echo(f"not replayed: {line}", err=True)
+    if problems:
+        raise typer.Exit(1)
+
+
+def _id_list(ids: list[int], show: int = 20) -> str:
+    text = ", ".join(str(i) for i in ids[:show])
+    return text + (f" ... ({len(ids) - show} more)" if len(ids) > show else "")
 
 
 @messages_app.command("skip")

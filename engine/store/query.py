@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, Select, select
 
 from engine.store.keys import keys_for, parse_query
 from engine.store.schema import STATUSES, message_keys, messages
@@ -25,14 +25,29 @@ class MessageFilter:
     control_id: str | None = None
     patient: str | None = None  # a patient identifier, optionally ``value^authority``
     order: str | None = None  # an order number (placer, filler/accession, specimen), ``value^namespace``
+    step: str | None = None  # the step that failed: receive, store, enqueue, parse, validate, route, map, ...
     limit: int = 100
     before_id: int | None = None
 
 
 def list_messages(engine: Engine, f: MessageFilter) -> list[dict[str, Any]]:
+    q = _filtered(select(*LIST_COLUMNS), f).order_by(messages.c.id.desc()).limit(f.limit)
+    with engine.connect() as conn:
+        return [summary(dict(r._mapping)) for r in conn.execute(q)]
+
+
+def replayable_ids(engine: Engine, f: MessageFilter) -> list[int]:
+    """Messages that failed in processing (status error, accepted at receipt) matching ``f``, oldest
+    first, at most ``f.limit``: what a bulk replay takes."""
+    q = (_filtered(select(messages.c.id), replace(f, status="error"))
+         .where(messages.c.accepted.is_(True)).order_by(messages.c.id).limit(f.limit))
+    with engine.connect() as conn:
+        return [int(r[0]) for r in conn.execute(q)]
+
+
+def _filtered(q: Select[Any], f: MessageFilter) -> Select[Any]:
     if f.status is not None and f.status not in STATUSES:
         raise ValueError(f"unknown status {f.status!r}; expected one of {', '.join(STATUSES)}")
-    q = select(*LIST_COLUMNS).order_by(messages.c.id.desc()).limit(f.limit)
     if f.status:
         q = q.where(messages.c.status == f.status)
         if f.status not in ("queued", "processed"):  # lets the planner use the partial index
@@ -41,6 +56,8 @@ def list_messages(engine: Engine, f: MessageFilter) -> list[dict[str, Any]]:
         q = q.where(messages.c.channel == f.channel)
     if f.control_id:
         q = q.where(messages.c.control_id == f.control_id)
+    if f.step:
+        q = q.where(messages.c.error_step == f.step)
     for kind, text in (("patient", f.patient), ("order", f.order)):
         if text:
             value, authority = parse_query(text)
@@ -51,8 +68,7 @@ def list_messages(engine: Engine, f: MessageFilter) -> list[dict[str, Any]]:
             q = q.where(messages.c.id.in_(keyed))
     if f.before_id:
         q = q.where(messages.c.id < f.before_id)
-    with engine.connect() as conn:
-        return [summary(dict(r._mapping)) for r in conn.execute(q)]
+    return q
 
 
 def summary(row: dict[str, Any]) -> dict[str, Any]:

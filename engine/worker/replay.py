@@ -44,16 +44,76 @@ class Released:
     queued: list[str]  # uids queued again, in order
 
 
-def release(engine: Engine, settings: Settings, message_id: int, *, skip: bool) -> Released:
+class Requeue:
+    """Where queued-again messages go: one broker connection for many calls (a bulk replay), opened
+    when first needed; ``close`` it after. Without a broker: the embedded queue, in the caller's
+    transaction."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._publisher: Any = None
+
+    def __call__(self, conn: Any, rows: Sequence[Any], now: datetime) -> None:
+        if self.settings.broker_url:
+            if rows:
+                _publish(rows, self._connect())
+        elif rows:
+            conn.execute(insert(queue_entries), [
+                {"message_uid": r.uid, "partition": r.partition or 0, "enqueued_at": now, "available_at": now,
+                 "attempts": 0} for r in rows])
+
+    def _connect(self) -> Any:
+        from engine.queue.rabbitmq import RabbitPublisher, declare_topology
+
+        if self._publisher is None:
+            url = self.settings.broker_url
+            assert url is not None
+            try:  # idempotent; and what puts back a partition queue deleted by hand
+                declare_topology(url, self.settings.queue_name, self.settings.queue_partitions)
+            except Exception as exc:
+                raise ReplayError(f"broker unavailable: {str(exc)[:200]}") from None
+            publisher = RabbitPublisher(url, self.settings.queue_name)
+            if not publisher.wait_connected(10):
+                publisher.close()
+                raise ReplayError(f"broker unavailable: {publisher.last_error}")
+            self._publisher = publisher
+        return self._publisher
+
+    def close(self) -> None:
+        if self._publisher is not None:
+            self._publisher.close()
+            self._publisher = None
+
+
+def release(engine: Engine, settings: Settings, message_id: int, *, skip: bool,
+            requeue: Requeue | None = None) -> Released:
+    """Replay (or skip) one failed message; ``requeue`` lets several calls share a broker connection."""
+    own = requeue is None
+    enqueue = requeue if requeue is not None else Requeue(settings)
+    try:
+        return _release(engine, message_id, skip=skip, enqueue=enqueue)
+    finally:
+        if own:
+            enqueue.close()
+
+
+def _release(engine: Engine, message_id: int, *, skip: bool, enqueue: Requeue) -> Released:
     now = datetime.now(UTC)
     with engine.begin() as conn:
-        row = conn.execute(select(messages.c.id, messages.c.uid, messages.c.status, messages.c.partition)
+        row = conn.execute(select(messages.c.id, messages.c.uid, messages.c.status, messages.c.partition,
+                                  messages.c.accepted, messages.c.error_step)
                            .where(messages.c.id == message_id)).first()
         if row is None:
             raise ReplayError(f"no message with id {message_id}")
         if row.status != "error":
             raise ReplayError(f"message {message_id} has status {row.status}; only messages in error are "
                               "replayed or skipped")
+        if not row.accepted:
+            # refused at the door (AR), or not stored when it arrived (AE): the sender was told so and
+            # sends it again; queueing this copy would bypass the channel's checks or apply it twice
+            raise ReplayError(f"message {message_id} was never accepted (step {row.error_step}: the sender was "
+                              "answered AR or AE and must send it again); only messages that failed in "
+                              "processing are replayed or skipped")
         parked = conn.execute(select(parked_patients.c.patient_key)
                               .where(parked_patients.c.message_uid == row.uid)).first()
         held = conn.execute(
@@ -76,7 +136,7 @@ def release(engine: Engine, settings: Settings, message_id: int, *, skip: bool) 
             select(*QUEUE_COLUMNS)
             .where(messages.c.id.in_(ids)).order_by(messages.c.id)
         ).all()
-        _enqueue(conn, settings, rows, now)  # inside the transaction: if the broker fails, nothing changes
+        enqueue(conn, rows, now)  # inside the transaction: if the broker fails, nothing changes
     return Released(None if skip else row.uid, [r.uid for r in rows])
 
 
@@ -92,58 +152,39 @@ def requeue_stuck(engine: Engine, settings: Settings, *, older_than: timedelta, 
     q = select(*QUEUE_COLUMNS).where(messages.c.status.in_(STUCK), messages.c.updated_at < now - older_than)
     if not settings.broker_url:
         q = q.where(~select(queue_entries.c.id).where(queue_entries.c.message_uid == messages.c.uid).exists())
+    enqueue = Requeue(settings)
     with engine.begin() as conn:
         rows = conn.execute(q.order_by(messages.c.id).limit(limit)).all()
         if dry_run or not rows:
             return [r.id for r in rows]
-        for start in range(0, len(rows), 500):
-            chunk = rows[start:start + 500]
-            _enqueue(conn, settings, chunk, now)
-            conn.execute(insert(message_events), [
-                {"message_id": r.id, "at": now, "status": "queued", "step": "operator", "detail": "requeued"}
-                for r in chunk])
-            conn.execute(update(messages).where(messages.c.id.in_([r.id for r in chunk])).values(updated_at=now))
+        try:
+            for start in range(0, len(rows), 500):
+                chunk = rows[start:start + 500]
+                enqueue(conn, chunk, now)
+                conn.execute(insert(message_events), [
+                    {"message_id": r.id, "at": now, "status": "queued", "step": "operator", "detail": "requeued"}
+                    for r in chunk])
+                conn.execute(update(messages).where(messages.c.id.in_([r.id for r in chunk])).values(updated_at=now))
+        finally:
+            enqueue.close()
     return [r.id for r in rows]
 
 
-def _enqueue(conn: Any, settings: Settings, rows: Sequence[Any], now: datetime) -> None:
-    """Queue these stored messages (QUEUE_COLUMNS rows) again: published to RabbitMQ (confirmed), or
-    an embedded queue entry each in ``conn``'s transaction."""
-    if settings.broker_url:
-        _publish(settings, rows)
-    elif rows:
-        conn.execute(insert(queue_entries), [
-            {"message_uid": r.uid, "partition": r.partition or 0, "enqueued_at": now, "available_at": now,
-             "attempts": 0} for r in rows])
-
-
-def _publish(settings: Settings, rows: Sequence[Any]) -> None:
+def _publish(rows: Sequence[Any], publisher: Any) -> None:
+    """Publish stored messages again, as at receipt (persistent, confirmed), marked as a replay."""
     import pika
 
-    from engine.queue.rabbitmq import RabbitPublisher, declare_topology
-
-    assert settings.broker_url is not None
-    try:  # idempotent; and what puts back a partition queue deleted by hand
-        declare_topology(settings.broker_url, settings.queue_name, settings.queue_partitions)
-    except Exception as exc:
-        raise ReplayError(f"broker unavailable: {str(exc)[:200]}") from None
-    publisher = RabbitPublisher(settings.broker_url, settings.queue_name)
+    batch = []
+    for r in rows:
+        label = f"{r.message_type}^{r.trigger_event}" if r.trigger_event else (r.message_type or "")
+        batch.append((str(r.partition or 0), bytes(r.raw), pika.BasicProperties(
+            delivery_mode=2, message_id=r.uid, timestamp=int(r.received_at.timestamp()),
+            content_type="application/hl7-v2", content_encoding=r.charset, type=label,
+            headers={"channel": r.channel, "control_id": r.control_id or "",
+                     "sending_facility": r.sending_facility or "", "received_at": r.received_at.isoformat(),
+                     "partition": r.partition or 0, "batch_uid": r.batch_uid or "", "replay": True},
+        )))
     try:
-        if not publisher.wait_connected(10):
-            raise ReplayError(f"broker unavailable: {publisher.last_error}")
-        batch = []
-        for r in rows:
-            label = f"{r.message_type}^{r.trigger_event}" if r.trigger_event else (r.message_type or "")
-            batch.append((str(r.partition or 0), bytes(r.raw), pika.BasicProperties(
-                delivery_mode=2, message_id=r.uid, timestamp=int(r.received_at.timestamp()),
-                content_type="application/hl7-v2", content_encoding=r.charset, type=label,
-                headers={"channel": r.channel, "control_id": r.control_id or "",
-                         "sending_facility": r.sending_facility or "", "received_at": r.received_at.isoformat(),
-                         "partition": r.partition or 0, "batch_uid": r.batch_uid or "", "replay": True},
-            )))
-        try:
-            publisher.publish(batch, 30)
-        except EngineError as exc:
-            raise ReplayError(str(exc)) from None
-    finally:
-        publisher.close()
+        publisher.publish(batch, 30)
+    except EngineError as exc:
+        raise ReplayError(str(exc)) from None
