@@ -406,8 +406,8 @@ def messages_show(
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object")] = False,
     config: Annotated[Path | None, typer.Option("--config", "-c", file_okay=False, resolve_path=True)] = None,
 ) -> None:
-    """Show one message: metadata, its patient and order keys, raw text (segments one per line) and the
-    ACK sent."""
+    """Show one message: metadata, its patient and order keys, its history, raw text (segments one per
+    line) and the ACK sent."""
     from engine.store.query import get_message, summary
 
     cfg = config or (ctx.obj if isinstance(ctx.obj, Path) else Path(".").resolve())
@@ -425,12 +425,19 @@ def messages_show(
     for kind in ("patient", "order"):
         found = [f"{v}^{a}" if a else v for k, v, a in row["keys"] if k == kind]
         info[f"{kind}_keys"] = ", ".join(found) if found else None
+    acked = row["acked_at"].isoformat(timespec="milliseconds") if row.get("acked_at") else None
+    history = [{"at": info["received_at"], "status": "received", "step": "receive",
+                "detail": f"answered {row['ack_code']}" + (f" at {acked}" if acked else "") if row["ack_code"]
+                else None}, *row["events"]]
     if as_json:
-        typer.echo(json.dumps({**info, "raw": raw, "ack": ack}, ensure_ascii=False))
+        typer.echo(json.dumps({**info, "history": history, "raw": raw, "ack": ack}, ensure_ascii=False))
         return
     for k, v in info.items():
         if v is not None:
             typer.echo(f"{k + ':':<22}{v}")
+    typer.echo("\n--- history ---")
+    for e in history:
+        typer.echo(f"{e['at'][:23]}  {e['status']:<10} {e['step'] or '':<9} {e['detail'] or ''}".rstrip())
     typer.echo("\n--- message ---")
     typer.echo("\n".join(s for s in raw.replace("\r\n", "\r").replace("\n", "\r").split("\r")))
     if ack:

@@ -68,3 +68,13 @@ def test_bulk_replay_after_fixing_the_routes(backend: Backend, engine_factory: A
     assert {c: r.status for c, r in rows.items()} == {"RP1": "filtered", "RP2": "processed", "RP3": "processed",
                                                        "RP4": "filtered", "RP5": "error"}
     assert cli("replay", "--all").stdout.strip() == "replayed 0 failed message(s)"
+
+    # the message's history tells the story, oldest first
+    shown = cli("show", str(ids["RP1"]), "--json")
+    history = [(e["status"], e["step"]) for e in json.loads(shown.stdout.splitlines()[-1])["history"]]
+    assert history == [("received", "receive"), ("error", "route"), ("replayed", "operator"),
+                       ("filtered", "route")], history
+    text = cli("show", str(ids["RP1"])).stdout
+    lines = text[text.index("--- history ---"):text.index("--- message ---")].splitlines()
+    assert "received   receive   answered AA" in lines[1]
+    assert "error      route     no route matches ORM^O01" in lines[2], lines

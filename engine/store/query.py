@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import Engine, Select, select
 
 from engine.store.keys import keys_for, parse_query
-from engine.store.schema import STATUSES, message_keys, messages
+from engine.store.schema import STATUSES, message_events, message_keys, messages
 
 LIST_COLUMNS = (
     messages.c.id, messages.c.channel, messages.c.received_at, messages.c.message_type, messages.c.trigger_event,
@@ -92,9 +92,16 @@ def summary(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def get_message(engine: Engine, message_id: int) -> dict[str, Any] | None:
-    """One stored message, with its search keys under ``keys`` (kind, value, authority)."""
+    """One stored message, with its search keys under ``keys`` (kind, value, authority) and its
+    history under ``events`` (what workers and operators did to it, oldest first)."""
     with engine.connect() as conn:
         row = conn.execute(select(messages).where(messages.c.id == message_id)).first()
         if row is None:
             return None
-        return {**row._mapping, "keys": keys_for(conn, [message_id]).get(message_id, [])}
+        events = [{"at": e.at.isoformat(timespec="milliseconds"), "status": e.status, "step": e.step,
+                   "detail": e.detail}
+                  for e in conn.execute(select(message_events.c.at, message_events.c.status, message_events.c.step,
+                                               message_events.c.detail)
+                                        .where(message_events.c.message_id == message_id)
+                                        .order_by(message_events.c.id))]
+        return {**row._mapping, "keys": keys_for(conn, [message_id]).get(message_id, []), "events": events}
