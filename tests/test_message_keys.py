@@ -13,6 +13,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy import func, insert, select, text
 
 from engine.hl7.message import Message
@@ -77,6 +79,33 @@ def test_search_keys_of_every_corpus_message(corpus: list[CorpusFile]) -> None:
                 assert ("patient", first.strip()[:100]) in [(k, v) for k, v, _ in keys], f.name
                 checked += 1
     assert checked >= 20
+
+
+_FIELD = st.text(alphabet="AB12 ^~&\\|-\"", max_size=30)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["PID", "MRG", "ORC", "OBR", "SPM", "OBX", "ZZZ"]),
+                          st.lists(_FIELD, max_size=6)), max_size=12))
+def test_search_keys_of_any_message(segments: list[tuple[str, list[str]]]) -> None:
+    """Whatever the fields hold: no failure, at most 64 keys, each value non-empty, trimmed, at most
+    100 characters, and each one a value the message's own accessor reads in a key field."""
+    text_ = "MSH|^~\\&|L|F|||2026||ORU^R01|H1|P|2.5\r" + "".join(
+        name + "|" + "|".join(fields) + "\r" for name, fields in segments)
+    msg = Message.parse(text_)
+    keys = search_keys(msg)
+    assert len(keys) <= 64 and len(set(keys)) == len(keys)
+    readable = set()
+    for seg in msg.segments:
+        for field in range(1, 5):
+            for rep in range(1, len(seg.reps(field)) + 2):
+                for comp in (1, 2):
+                    for sub in (1, 2):
+                        readable.add((seg.value(field, rep, comp, sub) or "").strip()[:100])
+    for kind, value, authority in keys:
+        assert kind in ("patient", "order")
+        assert value and value == value.strip() and len(value) <= 100 and len(authority) <= 100
+        assert value in readable
 
 
 def test_parse_query() -> None:
