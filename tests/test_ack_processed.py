@@ -124,7 +124,7 @@ def test_not_processed_in_time_is_ae_and_stays_queued(backend: Backend, engine_f
         answer = client.send(lab("SLOW1", "20261122080000", "BY-20", "ROE^JANE", "F", "4.0").encode())
         waited = time.monotonic() - t0
     fields = msa(answer)
-    assert fields[1:3] == ["AE", "SLOW1"] and "not processed within 1s; it will be processed" in fields[3]
+    assert fields[1:3] == ["AE", "SLOW1"] and "no processing outcome within 1s (it will be processed" in fields[3]
     assert waited >= 0.9
     rows = stored(url, "SLOW1", want_ack="AE")
     assert [(r.status, r.ack_code) for r in rows] == [("queued", "AE")], "stored and queued, the AE recorded"
@@ -150,5 +150,5 @@ def test_engine_stop_answers_the_waiting_sender(backend: Backend, engine_factory
         t.join(10)
     assert time.monotonic() - t0 < 10
     fields = msa(answers[0])
-    assert fields[1:3] == ["AE", "STOP1"] and "not processed before the engine stopped" in fields[3], fields
+    assert fields[1:3] == ["AE", "STOP1"] and "no processing outcome before the engine stopped" in fields[3], fields
     assert [(r.status, r.ack_code) for r in stored(store_url(eng), "STOP1", want_ack="AE")] == [("queued", "AE")]

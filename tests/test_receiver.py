@@ -318,7 +318,7 @@ def test_processed_mode_timeout_is_ae_and_the_message_stays_queued() -> None:
     p.deadline = time.monotonic()  # as the sweep sees it 30 s later
     p.expire()
     assert code(p) == "AE"
-    assert b"PROCESSING_TIMEOUT" in (p.data or b"") and b"not processed within 30s" in (p.data or b"")
+    assert b"PROCESSING_TIMEOUT" in (p.data or b"") and b"no processing outcome within 30s" in (p.data or b"")
     assert not watcher.waiting, "stopped watching"
     assert sink.records[-1].ack_corrections[0][1] == "AE"
     assert not job.expired, "the store outcome stands: the message is stored and queued"
@@ -373,7 +373,7 @@ def test_processed_mode_batch_timeout_lists_the_unprocessed() -> None:
     p.deadline = time.monotonic()
     p.expire()
     text = (p.data or b"").decode()
-    assert text.count("MSA|") == 1 and "MSA|AE|B2|" in text and "not processed within 30s" in text
+    assert text.count("MSA|") == 1 and "MSA|AE|B2|" in text and "no processing outcome within 30s" in text
     assert not watcher.waiting
 
 
@@ -383,7 +383,7 @@ def test_processed_mode_engine_stop_answers_ae_at_once() -> None:
     r.frame(msg("STOP1"), "127.0.0.1:1", True, p)
     sink.complete(sink.answered_jobs[0], "accepted")
     p.expire()  # what MLLPServer.stop does once its grace is over
-    assert code(p) == "AE" and b"not processed before the engine stopped" in (p.data or b"")
+    assert code(p) == "AE" and b"no processing outcome before the engine stopped" in (p.data or b"")
     assert not watcher.waiting
 
 

@@ -264,8 +264,8 @@ class Receiver:
         else:
             waited = f"within {self.rt.config.ack.processing_timeout:g}s"
         return self.rt.acks.build(item.header, "AE", [HL7Error(
-            "207", "PROCESSING_TIMEOUT", f"message stored and queued but not processed {waited}; it will be "
-            "processed, and a resend is answered with its outcome")])
+            "207", "PROCESSING_TIMEOUT", f"message stored and queued; no processing outcome {waited} (it will be "
+            "processed, and a resend is answered with its outcome)")])
 
     def _processing_timeout(self, pending: Pending, item: Item, cancel: Callable[[], None]) -> None:
         cancel()
