@@ -58,6 +58,9 @@ def test_search_keys_are_bounded() -> None:
     assert len(keys) == 64 and keys[0] == ("patient", "P1", "")
     long = "MSH|^~\\&|L|F|||2026||ORU^R01|B1|P|2.5\rPID|1||" + "9" * 500 + "\r"
     assert search_keys(Message.parse(long)) == [("patient", "9" * 100, "")]
+    spaced = "MSH|^~\\&|L|F|||2026||ORU^R01|B1|P|2.5\rPID|1||" + "9" * 99 + " 8" + "\r"
+    assert search_keys(Message.parse(spaced)) == [("patient", "9" * 99, "")], "cut, then trimmed"
+    assert parse_query("9" * 99 + " 8") == ("9" * 99, None), "searched as stored"
 
 
 def test_search_keys_of_every_corpus_message(corpus: list[CorpusFile]) -> None:

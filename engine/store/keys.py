@@ -29,7 +29,8 @@ MAX_KEYS = 64  # per message: a message with hundreds of orders is indexed by it
 
 Key = tuple[str, str, str]  # kind, value, authority
 
-# (segment, field, component of the identifier, component of the authority): CX and EI
+# (segment, field): CX fields for patients (CX-1 the ID, CX-4.1 the authority), EI fields for orders
+# (EI-1 the ID, EI-2 the namespace)
 _PATIENT_FIELDS = (("PID", 3), ("PID", 2), ("PID", 4), ("MRG", 1))
 _ORDER_FIELDS = (("ORC", 2), ("ORC", 3), ("OBR", 2), ("OBR", 3))
 
@@ -62,15 +63,20 @@ def _specimen(keys: dict[Key, None], seg: Segment) -> None:
 
 
 def _add(keys: dict[Key, None], kind: str, value: str | None, authority: str | None) -> None:
-    value = (value or "").strip()
-    if value and value != '""':
-        keys[(kind, value[:VALUE_LENGTH], (authority or "").strip()[:VALUE_LENGTH])] = None
+    v = _norm(value)
+    if v and v != '""':
+        keys[(kind, v, _norm(authority))] = None
+
+
+def _norm(text: str | None) -> str:
+    """A key as stored and as searched: trimmed, at most VALUE_LENGTH characters."""
+    return (text or "").strip()[:VALUE_LENGTH].rstrip()
 
 
 def parse_query(text: str) -> tuple[str, str | None]:
     """``4711`` matches the value under any authority; ``4711^MINSKLAB`` that authority only."""
     value, sep, authority = text.partition("^")
-    return value.strip()[:VALUE_LENGTH], (authority.strip()[:VALUE_LENGTH] if sep else None)
+    return _norm(value), (_norm(authority) if sep else None)
 
 
 def write_keys(conn: Connection, keys: dict[int, list[Key]]) -> None:
