@@ -201,8 +201,7 @@ class Receiver:
             if job.expired:  # AE went out at the timeout; the store must say so
                 note = ("ACK timeout: the sender was answered AE before the store committed; the message is "
                         "stored and queued, a resend will be answered as a duplicate")
-                self.writer.submit(Job([], _ignore, time.time() + 60, record_only=True, key=item.peer,
-                                       ack_corrections=[(item.uid, item.ack_code, item.ack, note)]))
+                self._correct(item, item.ack_code, item.ack, note)
                 return
             if self.after_processed and not enhanced and self._await_processing(pending, item):
                 return
@@ -235,20 +234,26 @@ class Receiver:
         pending.processing = True
         return True
 
-    def _processed(self, pending: Pending, item: Item, result: Processed) -> None:
+    def _processed(self, pending: Pending, item: Item, result: Processed | None) -> None:
+        """Answer a message waiting for its processing: ``result`` None when there is none in time."""
         if pending.done:
             return
-        latency = time.monotonic() - pending.t0
+        ae, outcome, reason = self._after_processing(pending, item, result)
+        if ae is not None:
+            self._correct(item, "AE", ae)
+        pending.resolve(item.ack)
+        self.events.answered(outcome, item.ack_code or "", control_id=item.control_id, msg_type=item.type_label,
+                             size=item.size, latency=time.monotonic() - pending.t0, reason=reason)
+
+    def _after_processing(self, pending: Pending, item: Item,
+                          result: Processed | None) -> tuple[bytes | None, str, str]:
+        """The AE owed after processing (None: the AA prepared at receipt stands), and the outcome and
+        reason to report."""
+        if result is None:
+            return self._unprocessed_ack(pending, item), "unprocessed", "PROCESSING_TIMEOUT"
         if result.ok:
-            pending.resolve(item.ack)
-            self.events.answered(result.status, item.ack_code or "", control_id=item.control_id,
-                                 msg_type=item.type_label, size=item.size, latency=latency)
-            return
-        ack = self._processing_ack(item, result)
-        pending.resolve(ack)
-        self._correct(item, "AE", ack)
-        self.events.answered(result.status, "AE", control_id=item.control_id, msg_type=item.type_label,
-                             size=item.size, latency=latency, reason=f"PROCESSING_{result.step.upper() or 'ERROR'}")
+            return None, result.status, ""
+        return self._processing_ack(item, result), result.status, f"PROCESSING_{result.step.upper() or 'ERROR'}"
 
     def _processing_ack(self, item: Item, result: Processed) -> bytes:
         step = result.step or result.status
@@ -269,17 +274,14 @@ class Receiver:
 
     def _processing_timeout(self, pending: Pending, item: Item, cancel: Callable[[], None]) -> None:
         cancel()
-        ack = self._unprocessed_ack(pending, item)
-        pending.resolve(ack)
-        self._correct(item, "AE", ack)
-        self.events.answered("unprocessed", "AE", control_id=item.control_id, msg_type=item.type_label,
-                             size=item.size, latency=time.monotonic() - pending.t0, reason="PROCESSING_TIMEOUT")
+        self._processed(pending, item, None)
 
-    def _correct(self, item: Item, code: str, ack: bytes) -> None:
-        """The stored ACK is the one prepared at receipt: record the one that was sent instead."""
+    def _correct(self, item: Item, code: str | None, ack: bytes | None, note: str | None = None) -> None:
+        """The stored ACK is the one prepared at receipt: record the one that was sent instead (and,
+        with ``note``, why; without one the stored error stays)."""
         item.ack_code, item.ack = code, ack
         self.writer.submit(Job([], _ignore, time.time() + 60, record_only=True, key=item.peer,
-                               ack_corrections=[(item.uid, code, ack, None)]))
+                               ack_corrections=[(item.uid, code, ack, note)]))
 
     def _single_timeout(self, job: Job, pending: Pending, enhanced: bool) -> None:
         job.expired = True
@@ -414,21 +416,12 @@ class Receiver:
             acks: list[str] = []
             latency = time.monotonic() - pending.t0
             for i, item in enumerate(job.items):
-                result = results.get(i)
                 outcome, reason = {"recorded": "refused"}.get(item.outcome, item.outcome), item.error or ""
                 if i in followed:
-                    if result is None:
-                        ack = self._unprocessed_ack(pending, item)
-                        outcome, reason = "unprocessed", "PROCESSING_TIMEOUT"
-                    elif not result.ok:
-                        ack = self._processing_ack(item, result)
-                        outcome, reason = result.status, f"PROCESSING_{result.step.upper() or 'ERROR'}"
-                    else:
-                        ack = b""
-                        outcome = result.status
-                    if ack:
-                        self._correct(item, "AE", ack)
-                        acks.append(ack.decode(codec, "replace"))
+                    ae, outcome, reason = self._after_processing(pending, item, results.get(i))
+                    if ae is not None:
+                        self._correct(item, "AE", ae)
+                        acks.append(ae.decode(codec, "replace"))
                 elif item.status == "error" and item.ack:
                     acks.append(item.ack.decode(codec, "replace"))
                 self.events.answered(outcome, item.ack_code or "", control_id=item.control_id,
