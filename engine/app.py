@@ -17,6 +17,7 @@ from engine.intake.store_client import StoreClient
 from engine.intake.watch import ProcessWatcher
 from engine.mllp.server import MLLPServer
 from engine.observe import ChannelEvents, get_logger, tune_gc
+from engine.outbound.deliver import Deliverer
 from engine.settings import Settings
 from engine.store import db
 
@@ -32,6 +33,7 @@ class Engine:
     servers: list[MLLPServer] = field(default_factory=list)
     store: StoreClient | None = None
     watcher: ProcessWatcher | None = None
+    deliverer: Deliverer | None = None
 
     @property
     def database_url(self) -> str:
@@ -52,6 +54,10 @@ class Engine:
             server = MLLPServer(rt, Receiver(rt, self.store, events, self.watcher), events)
             await server.start()
             self.servers.append(server)
+        deliverer = Deliverer(url, [(ch.name, ch.config) for ch in channels])
+        if deliverer:
+            self.deliverer = deliverer
+            deliverer.start()
         log.info("engine started", channels=len(self.servers), store="sqlite" if db.is_sqlite(url) else "server",
                  queue=self.store.queue_name)
 
@@ -61,6 +67,8 @@ class Engine:
         await asyncio.gather(*(s.stop(grace) for s in self.servers))
         if self.watcher is not None:
             await self.watcher.close()
+        if self.deliverer is not None:
+            await asyncio.to_thread(self.deliverer.close)
         if self.store is not None:
             if not await self.store.drain(grace):
                 log.warning("store writer still busy at stop", pending=self.store.pending)

@@ -20,6 +20,9 @@ app.add_typer(messages_app, name="messages")
 record_app = typer.Typer(help="The central record.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(record_app, name="record")
+acks_app = typer.Typer(help="Application ACKs (enhanced mode) owed to senders: list them, send them again.",
+                       invoke_without_command=True)
+app.add_typer(acks_app, name="app-acks")
 token_app = typer.Typer(help="Bearer tokens for the HTTP API (who may read the record).", no_args_is_help=True)
 app.add_typer(token_app, name="token")
 
@@ -340,6 +343,18 @@ def _store_engine(config: Path) -> Any:
     return db.make_engine(url, pool_size=1)
 
 
+def _listed(rows: list[dict[str, Any]], as_json: bool, none: str) -> bool:
+    """Print ``rows`` as JSON lines (``as_json``), or ``none`` when there are none; False: print a table."""
+    if as_json:
+        for row in rows:
+            typer.echo(json.dumps(row, ensure_ascii=False))
+        return True
+    if not rows:
+        typer.echo(none)
+        return True
+    return False
+
+
 def _read_store(config: Path, read: Callable[[Any], T]) -> T:
     """``read(engine)`` on the store; a store without tables is a clear error, not a traceback."""
     from sqlalchemy.exc import OperationalError, ProgrammingError
@@ -384,12 +399,7 @@ def messages(
             status, channel, control_id, patient=patient, order=order, step=step, limit=limit)))
     except ValueError as exc:
         _fail(str(exc), 2)
-    if as_json:
-        for row in rows:
-            typer.echo(json.dumps(row, ensure_ascii=False))
-        return
-    if not rows:
-        typer.echo("no messages")
+    if _listed(rows, as_json, "no messages"):
         return
     typer.echo(f"{'ID':>8}  {'RECEIVED':<23}  {'CHANNEL':<12} {'TYPE':<9} {'CONTROL ID':<22} {'STATUS':<10} "
                f"{'ACK':<3}  ERROR")
@@ -428,9 +438,11 @@ def messages_show(
     acked = row["acked_at"].isoformat(timespec="milliseconds") if row.get("acked_at") else None
     history = [{"at": info["received_at"], "status": "received", "step": "receive",
                 "detail": f"answered {row['ack_code']}" + (f" at {acked}" if acked else "") if row["ack_code"]
-                else None}, *row["events"]]
+                else None}, *row["events"], *(_app_ack_event(a) for a in row["application_acks"])]
+    history.sort(key=lambda e: e["at"])
     if as_json:
-        typer.echo(json.dumps({**info, "history": history, "raw": raw, "ack": ack}, ensure_ascii=False))
+        typer.echo(json.dumps({**info, "history": history, "application_acks": row["application_acks"], "raw": raw,
+                               "ack": ack}, ensure_ascii=False))
         return
     for k, v in info.items():
         if v is not None:
@@ -443,6 +455,19 @@ def messages_show(
     if ack:
         typer.echo("--- ACK sent ---")
         typer.echo("\n".join(s for s in ack.split("\r") if s))
+
+
+def _app_ack_event(a: dict[str, Any]) -> dict[str, Any]:
+    """An application ACK (enhanced mode) as a line of the message's history."""
+    where = f"{a['code']} {a['control_id']} to {a['destination']}"
+    if a["status"] == "sent":
+        detail = f"{where}: sent at {a['sent_at']}, answered {a['answer']}"
+    elif a["status"] == "pending":
+        tried = f", attempt {a['attempts']} failed: {a['last_error']}" if a["attempts"] else ""
+        detail = f"{where}: pending, next attempt {a['next_attempt_at']}{tried}"
+    else:
+        detail = f"{where}: {a['status']} after {a['attempts']} attempt(s): {a['last_error']}"
+    return {"at": a["created_at"], "status": "app_ack", "step": "deliver", "detail": detail}
 
 
 @messages_app.command("reindex")
@@ -572,6 +597,60 @@ def _release(config: Path, message_id: int, *, skip: bool) -> None:
         engine.dispose()
     what = "skipped" if skip else "replayed"
     typer.echo(f"{what} message {message_id}; {len(done.queued)} message(s) queued again")
+
+
+@acks_app.callback()
+def app_acks(
+    ctx: typer.Context,
+    status: Annotated[str | None, typer.Option(help="pending, sent, refused or expired")] = None,
+    channel: Annotated[str | None, typer.Option(help="channel name")] = None,
+    message: Annotated[int | None, typer.Option(help="the message's id")] = None,
+    limit: Annotated[int, typer.Option(help="most recent N")] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON lines")] = False,
+    config: ConfigDir = Path("."),
+) -> None:
+    """List application ACKs, newest first: what each answers, where it goes and whether it got there."""
+    if ctx.invoked_subcommand is not None:
+        ctx.obj = config
+        return
+    from engine.outbound.query import AckFilter, list_acks
+
+    try:
+        wanted = AckFilter(status, channel, message, limit)
+    except ValueError as exc:
+        _fail(str(exc), 2)
+    rows = _read_store(config, lambda engine: list_acks(engine, wanted))
+    if _listed(rows, as_json, "no application ACKs"):
+        return
+    typer.echo(f"{'ID':>7}  {'MESSAGE':>8}  {'CHANNEL':<12} {'ACK':<3} {'CONTROL ID':<20} {'STATUS':<8} {'TRIES':>5}  "
+               "DESTINATION / LAST ERROR")
+    for r in rows:
+        note = r["last_error"] if r["status"] != "sent" and r["last_error"] else r["destination"]
+        typer.echo(f"{r['id']:>7}  {r['message_id']:>8}  {r['channel'][:12]:<12} {r['code']:<3} "
+                   f"{r['control_id'][:20]:<20} {r['status']:<8} {r['attempts']:>5}  {note}")
+
+
+@acks_app.command("resend")
+def app_acks_resend(
+    ctx: typer.Context,
+    ids: Annotated[list[int] | None, typer.Argument(help="application ACK ids (hl7engine app-acks)")] = None,
+    status: Annotated[str | None, typer.Option(help="instead of ids: every one that is expired, or refused")] = None,
+    channel: Annotated[str | None, typer.Option(help="only this channel's")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="only list them")] = False,
+    config: Annotated[Path | None, typer.Option("--config", "-c", file_okay=False, resolve_path=True)] = None,
+) -> None:
+    """Send application ACKs again, at once: for example after the sender's listener was down for
+    longer than give_up_after (--status expired). The listener process delivers them."""
+    from engine.outbound.query import resend
+
+    cfg = config or (ctx.obj if isinstance(ctx.obj, Path) else Path(".").resolve())
+    try:
+        found = _read_store(cfg, lambda engine: resend(engine, ids or [], status=status, channel=channel,
+                                                       dry_run=dry_run))
+    except ValueError as exc:
+        _fail(str(exc), 2)
+    verb = "would send again" if dry_run else "will send again"
+    typer.echo(f"{verb} {len(found)} application ACK(s)" + (f" (ids {found[0]}..{found[-1]})" if found else ""))
 
 
 @token_app.command("new")

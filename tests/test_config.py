@@ -538,3 +538,36 @@ def test_ack_after_processed_needs_original_mode_and_a_longer_timeout(cfg: Path)
                for line in lines), lines
     assert any(line.startswith("channels/lab.yaml:9:23: ack.processing_timeout:")
                and "must not be shorter than timeout (20s)" in line for line in lines), lines
+
+
+def test_application_acks_need_enhanced_mode_and_a_host_and_port(cfg: Path) -> None:
+    write(cfg, "lab.yaml", minimal(2633, "lab") + "ack:\n  application_acks:\n    to: lis.example.org:6661\n")
+    write(cfg, "lab2.yaml", minimal(2637, "lab2") + "ack:\n  mode: enhanced\n  application_acks:\n"
+          "    to: lis.example.org\n")
+    code, lines = check(cfg)
+    assert code == 1
+    assert any(line.startswith("channels/lab.yaml:6:3: ack.application_acks:")
+               and "need mode: enhanced" in line for line in lines), lines
+    assert any(line.startswith("channels/lab2.yaml:8:9: ack.application_acks.to:")
+               and "expected host:port" in line for line in lines), lines
+
+
+def test_application_acks_tls_files_are_checked(cfg: Path) -> None:
+    (cfg / "junk.crt").write_text("not a certificate")
+    (cfg / "junk.key").write_text("not a key")
+    write(cfg, "lab.yaml", minimal(2634, "lab") + "ack:\n  mode: enhanced\n  application_acks:\n"
+          "    to: lis.example.org:6661\n    tls:\n      ca_file: missing/ca.pem\n")
+    write(cfg, "lab2.yaml", minimal(2635, "lab2") + "ack:\n  mode: enhanced\n  application_acks:\n"
+          "    to: lis.example.org:6661\n    tls:\n      cert_file: junk.crt\n      key_file: junk.key\n")
+    code, lines = check(cfg)
+    assert code == 1
+    assert "channels/lab.yaml:10:16: ack.application_acks.tls.ca_file: file 'missing/ca.pem' not found" in lines, lines
+    assert any(line.startswith("channels/lab2.yaml:10:18: ack.application_acks.tls.cert_file: cannot load certificate")
+               for line in lines), lines
+
+
+def test_application_acks_accepted(cfg: Path) -> None:
+    write(cfg, "lab.yaml", minimal(2636, "lab") + "ack:\n  mode: enhanced\n  application_acks:\n"
+          "    to: lis.example.org:6661\n    answer_timeout: 30s\n    give_up_after: 2d\n")
+    code, lines = check(cfg)
+    assert code == 0, lines

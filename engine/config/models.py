@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from engine.hl7.charsets import python_codec
 
@@ -126,6 +126,52 @@ class AcceptConfig(Strict):
         return v
 
 
+class ClientTLSConfig(Strict):
+    """TLS when the engine connects out (to a sender's listener). Paths only."""
+
+    ca_file: Path | None = Field(default=None, description="CA that signed the peer's certificate; "
+                                 "none: the system's trusted CAs")
+    cert_file: Path | None = Field(default=None, description="our client certificate, when the peer asks for one")
+    key_file: Path | None = None
+    server_name: str | None = Field(default=None, description="name to verify in the peer's certificate "
+                                    "(default: the host of 'to')")
+    min_version: Literal["1.2", "1.3"] = "1.2"
+
+    @model_validator(mode="after")
+    def _pair(self) -> ClientTLSConfig:
+        if (self.key_file is None) != (self.cert_file is None):
+            raise ValueError("cert_file and key_file go together: give both or neither")
+        return self
+
+
+class ApplicationAcksConfig(Strict):
+    """Enhanced mode: where and how to deliver application ACKs once workers have processed a message."""
+
+    to: str = Field(description="the sender's own MLLP listener, host:port")
+    tls: ClientTLSConfig | None = None
+    connect_timeout: Duration = Field(default=5.0, gt=0)
+    answer_timeout: Duration = Field(default=10.0, gt=0, description="how long to wait for the peer's commit "
+                                     "ACK (CA) to each application ACK")
+    give_up_after: Duration = Field(default=86400.0, gt=0, description="stop retrying an application ACK not "
+                                    "delivered this long after it was due (status expired)")
+
+    @field_validator("to")
+    @classmethod
+    def _to(cls, v: str) -> str:
+        host, sep, port = v.strip().rpartition(":")
+        if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(f"expected host:port, e.g. lis.example.org:6661, got {v!r}")
+        return v.strip()
+
+    @property
+    def host(self) -> str:
+        return self.to.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.to.rpartition(":")[2])
+
+
 class AckConfig(Strict):
     mode: Literal["original", "enhanced"] = "original"
     after: Literal["stored", "processed"] = Field(
@@ -138,13 +184,25 @@ class AckConfig(Strict):
         "then (it stays stored and queued; a resend is answered with its outcome)")
     application: str = Field(default="HL7ENGINE", description="our MSH-3 when the sender left MSH-5 empty")
     facility: str = Field(default="", description="our MSH-4 when the sender left MSH-6 empty")
+    application_acks: ApplicationAcksConfig | None = Field(
+        default=None, description="enhanced mode: send application ACKs (AA/AE after processing, as the "
+        "message's MSH-16 asks) to the sender's listener")
 
     @field_validator("after")
     @classmethod
     def _after(cls, v: str, info: ValidationInfo) -> str:
         if v == "processed" and info.data.get("mode") == "enhanced":
             raise ValueError("'processed' needs mode: original; in enhanced mode the commit ACK (CA) is sent once "
-                             "the message is stored, and application ACKs are not sent")
+                             "the message is stored, and the outcome of processing goes in an application ACK "
+                             "(ack.application_acks)")
+        return v
+
+    @field_validator("application_acks")
+    @classmethod
+    def _application_acks(cls, v: ApplicationAcksConfig | None, info: ValidationInfo) -> ApplicationAcksConfig | None:
+        if v is not None and info.data.get("mode") != "enhanced":
+            raise ValueError("application ACKs need mode: enhanced (in original mode the one ACK is sent on the "
+                             "sender's connection; use after: processed for an AA that means 'in the record')")
         return v
 
     @field_validator("processing_timeout")

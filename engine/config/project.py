@@ -72,14 +72,33 @@ def load_channels(root: Path) -> tuple[list[LoadedChannel], list[Problem]]:
 
 def _absolute_tls(cfg: ChannelConfig, root: Path) -> ChannelConfig:
     """TLS file paths are relative to the configuration directory, wherever the engine is started."""
+    def fixed(tls: Any, keys: tuple[str, ...]) -> dict[str, Path | None]:
+        return {k: (v if v is None or v.is_absolute() else root / v) for k in keys for v in [getattr(tls, k)]}
+
     tls = cfg.listen.tls
-    if tls is None:
-        return cfg
-    fixed = {k: (v if v is None or v.is_absolute() else root / v)
-             for k, v in (("cert_file", tls.cert_file), ("key_file", tls.key_file),
-                          ("client_ca_file", tls.client_ca_file))}
-    listen = cfg.listen.model_copy(update={"tls": tls.model_copy(update=fixed)})
-    return cfg.model_copy(update={"listen": listen})
+    if tls is not None:
+        listen = cfg.listen.model_copy(update={"tls": tls.model_copy(update=fixed(tls, LISTEN_TLS_FILES))})
+        cfg = cfg.model_copy(update={"listen": listen})
+    out = cfg.ack.application_acks
+    if out is not None and out.tls is not None:
+        out = out.model_copy(update={"tls": out.tls.model_copy(update=fixed(out.tls, CLIENT_TLS_FILES))})
+        cfg = cfg.model_copy(update={"ack": cfg.ack.model_copy(update={"application_acks": out})})
+    return cfg
+
+
+LISTEN_TLS_FILES = ("cert_file", "key_file", "client_ca_file")
+CLIENT_TLS_FILES = ("ca_file", "cert_file", "key_file")
+
+
+def _missing(root: Path, ch: LoadedChannel, where: tuple[str, ...], tls: Any, keys: tuple[str, ...]) -> list[Problem]:
+    problems = []
+    for key in keys:
+        path = getattr(tls, key)
+        if path is not None and not path.is_file():
+            line, col = position(ch.yaml, (*where, key))
+            written = path.relative_to(root) if path.is_relative_to(root) else path  # as in the YAML
+            problems.append(Problem(ch.file, line, col, ".".join((*where, key)), f"file {str(written)!r} not found"))
+    return problems
 
 
 def _cross_check(root: Path, channels: list[LoadedChannel]) -> list[Problem]:
@@ -103,18 +122,37 @@ def _cross_check(root: Path, channels: list[LoadedChannel]) -> list[Problem]:
         ports.setdefault(port, []).append((host, ch))
         tls = ch.config.listen.tls
         if tls is not None:
-            missing = False
-            for key in ("cert_file", "key_file", "client_ca_file"):
-                path = getattr(tls, key)
-                if path is not None and not path.is_file():
-                    missing = True
-                    line, col = position(ch.yaml, ("listen", "tls", key))
-                    written = path.relative_to(root) if path.is_relative_to(root) else path  # as in the YAML
-                    problems.append(Problem(ch.file, line, col, f"listen.tls.{key}",
-                                            f"file {str(written)!r} not found"))
-            if not missing:
-                problems += _tls_loads(ch)
+            missing = _missing(root, ch, ("listen", "tls"), tls, LISTEN_TLS_FILES)
+            problems += missing or _tls_loads(ch)
+        out = ch.config.ack.application_acks
+        if out is not None and out.tls is not None:
+            missing = _missing(root, ch, ("ack", "application_acks", "tls"), out.tls, CLIENT_TLS_FILES)
+            problems += missing or _client_tls_loads(ch)
     return problems
+
+
+def _client_tls_loads(ch: LoadedChannel) -> list[Problem]:
+    """The TLS files for application ACKs must load, not only exist."""
+    out = ch.config.ack.application_acks
+    assert out is not None and out.tls is not None
+    tls = out.tls
+    ctx = ssl.create_default_context()
+    where = ("ack", "application_acks", "tls")
+    if tls.ca_file is not None:
+        try:
+            ctx.load_verify_locations(str(tls.ca_file))
+        except (ssl.SSLError, OSError) as exc:
+            line, col = position(ch.yaml, (*where, "ca_file"))
+            return [Problem(ch.file, line, col, "ack.application_acks.tls.ca_file",
+                            f"cannot load CA certificates {str(tls.ca_file)!r}: {exc}")]
+    if tls.cert_file is not None:
+        try:
+            ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+        except (ssl.SSLError, OSError) as exc:
+            line, col = position(ch.yaml, (*where, "cert_file"))
+            return [Problem(ch.file, line, col, "ack.application_acks.tls.cert_file",
+                            f"cannot load certificate {str(tls.cert_file)!r} with key {str(tls.key_file)!r}: {exc}")]
+    return []
 
 
 def _tls_loads(ch: LoadedChannel) -> list[Problem]:

@@ -161,7 +161,10 @@ class AckBuilder:
         text: str = "",
         timestamp: str | None = None,
         control_id: str | None = None,
+        ack_types: tuple[str, str] | None = None,
     ) -> str:
+        """The ACK as text. ``ack_types``: MSH-15 and MSH-16 of the ACK itself (an application ACK
+        asks for a commit ACK back); None leaves them empty."""
         if header is None or header.salvaged:
             d = Delimiters()
             fields = [escape(v, d) for v in header.fields] if header is not None else []
@@ -187,8 +190,11 @@ class AckBuilder:
             (fields[11] if n > 11 else "") or "P",
             version,
         ]
-        if n > 18 and fields[18]:
-            msh += ["", "", "", "", "", fields[18]]
+        charset = fields[18] if n > 18 and fields[18] else ""
+        if ack_types is not None:
+            msh += ["", "", *ack_types]
+        if charset:
+            msh += [""] * (17 - len(msh)) + [charset]
         if not text and errors:
             text = errors[0].text
         msa = f"MSA{f}{code}{f}{fields[10] if n > 10 else ''}"
@@ -238,6 +244,33 @@ def _ack_type(version: str, trigger: str, comp: str) -> str:
 def ack_code(original: str, enhanced: bool) -> str:
     """Map an original-mode code (AA/AE/AR) to the commit code when answering in enhanced mode."""
     return ORIGINAL_TO_ENHANCED[original] if enhanced else original
+
+
+PROCESSING_ERROR_CODES = {"route": "200", "order": "206"}  # else 207, application internal error
+
+
+def processing_error(step: str, reason: str) -> HL7Error:
+    """The ERR of a message stored but not processed (an AE after processing): HL7 table 0357 200
+    when no route takes it, 206 when its patient's stream is parked (step order), else 207."""
+    step = step or "error"
+    text = f"message stored but not processed ({step}: {reason or 'failed'})"
+    if len(text) > 500:
+        text = text[:497] + "..."
+    return HL7Error(PROCESSING_ERROR_CODES.get(step, "207"), f"PROCESSING_{step.upper()}", text)
+
+
+def application_ack_due(application_ack_type: str, code: str) -> bool:
+    """Whether an enhanced-mode application ACK with MSA-1 ``code`` is sent, per MSH-16 (AL, NE, ER,
+    SU; empty means AL, as for MSH-15)."""
+    if application_ack_type in ("", "AL"):
+        return True
+    if application_ack_type == "NE":
+        return False
+    if application_ack_type == "ER":
+        return code != "AA"
+    if application_ack_type == "SU":
+        return code == "AA"
+    return True  # unknown value: answer rather than leave the sender without an outcome
 
 
 def enhanced_wants_ack(accept_ack_type: str, code: str) -> bool:

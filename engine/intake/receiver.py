@@ -22,7 +22,7 @@ from functools import partial
 from typing import Protocol
 
 from engine.errors import HL7Error
-from engine.hl7.ack import enhanced_wants_ack
+from engine.hl7.ack import enhanced_wants_ack, processing_error
 from engine.hl7.batch import Batch, batch_response, is_batch, split_batch
 from engine.hl7.header import Header, read_header, salvage_header
 from engine.intake.item import Item, new_uid
@@ -81,7 +81,6 @@ class Watcher(Protocol):
 
 
 # HL7 table 0357 code for an AE after processing, by the step that failed
-PROCESSING_ERROR_CODES = {"route": "200", "order": "206"}
 
 
 def _wall_deadline(pending: Pending) -> float:
@@ -256,12 +255,8 @@ class Receiver:
         return self._processing_ack(item, result), result.status, f"PROCESSING_{result.step.upper() or 'ERROR'}"
 
     def _processing_ack(self, item: Item, result: Processed) -> bytes:
-        step = result.step or result.status
-        text = f"message stored but not processed ({step}: {result.reason or result.status})"
-        if len(text) > 500:
-            text = text[:497] + "..."
-        code = PROCESSING_ERROR_CODES.get(step, "207")
-        return self.rt.acks.build(item.header, "AE", [HL7Error(code, f"PROCESSING_{step.upper()}", text)])
+        err = processing_error(result.step or result.status, result.reason or result.status)
+        return self.rt.acks.build(item.header, "AE", [err])
 
     def _unprocessed_ack(self, pending: Pending, item: Item) -> bytes:
         if time.monotonic() < pending.deadline - 0.05:  # expired early: the engine is stopping

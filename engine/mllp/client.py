@@ -7,9 +7,13 @@ import re
 import socket
 import ssl
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from engine.hl7.header import message_start
 from engine.mllp.framing import END_B, START_B, Frame, FrameDecoder, frame
+
+if TYPE_CHECKING:
+    from engine.config.models import ClientTLSConfig
 
 _MSH_LINE = re.compile(rb"(?:\r\n|\r|\n)(?=MSH)")
 
@@ -78,6 +82,18 @@ def read_acks(answer: bytes) -> list[AckSummary]:
                 current.text = f[8]  # ERR-8 (the user message) over MSA-3; the first ERR wins
                 errored = True
     return out
+
+
+def client_tls_context(tls: ClientTLSConfig | None) -> ssl.SSLContext | None:
+    """The context for connecting out with TLS (None: plain TCP); raises ssl.SSLError or OSError
+    when a file does not load."""
+    if tls is None:
+        return None
+    ctx = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if tls.min_version == "1.3" else ssl.TLSVersion.TLSv1_2
+    if tls.cert_file is not None and tls.key_file is not None:
+        ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+    return ctx
 
 
 class MLLPClient:

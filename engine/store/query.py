@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import Engine, Select, select
 
+from engine.outbound.query import AckFilter, list_acks
 from engine.store.keys import keys_for, parse_query
 from engine.store.schema import STATUSES, message_events, message_keys, messages
 
@@ -104,4 +105,6 @@ def get_message(engine: Engine, message_id: int) -> dict[str, Any] | None:
                                                message_events.c.detail)
                                         .where(message_events.c.message_id == message_id)
                                         .order_by(message_events.c.id))]
-        return {**row._mapping, "keys": keys_for(conn, [message_id]).get(message_id, []), "events": events}
+        found = {**row._mapping, "keys": keys_for(conn, [message_id]).get(message_id, []), "events": events}
+    app_acks = list_acks(engine, AckFilter(message_id=message_id, limit=1000))
+    return {**found, "application_acks": app_acks[::-1]}

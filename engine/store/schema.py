@@ -151,6 +151,32 @@ message_events = Table(
 )
 Index("ix_message_events_message_id", message_events.c.message_id)
 
+# Messages this engine owes to other systems, written in the transaction that decides them and
+# delivered afterwards (at least once, in id order per destination): today the application ACKs of
+# enhanced-mode channels (kind app_ack), sent to the sender's own listener.
+OUTBOUND_STATUSES = ("pending", "sent", "refused", "expired")
+outbound = Table(
+    "outbound",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("message_id", Id, nullable=False),  # the message it answers (no foreign key, as message_keys)
+    Column("kind", String(16), nullable=False),
+    Column("channel", String(64), nullable=False),
+    Column("destination", String(300), nullable=False),  # host:port
+    Column("control_id", String(64), nullable=False),  # our MSH-10: the same bytes on every attempt
+    Column("code", String(2), nullable=False),  # MSA-1 we send: AA, AE, AR
+    Column("payload", LargeBinary, nullable=False),
+    Column("status", String(16), nullable=False, default="pending"),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("next_attempt_at", UTCDateTime, nullable=False),
+    Column("sent_at", UTCDateTime),
+    Column("answer", String(300)),  # the peer's MSA-1 and text
+    Column("last_error", Text),
+)
+Index("ix_outbound_status_next_attempt_at", outbound.c.status, outbound.c.next_attempt_at)
+Index("ix_outbound_message_id", outbound.c.message_id)
+
 # Patients whose stream is parked (design-notes guarantee 4): a message of theirs failed; their
 # later messages are held (status held) until it is replayed or skipped.
 parked_patients = Table(

@@ -20,6 +20,7 @@ from engine.config.project import load_project, shown_path
 from engine.config.routes import RoutesConfig, routes_file
 from engine.errors import ConfigError, Problem
 from engine.observe import configure_logging, get_logger, tune_gc
+from engine.outbound.appack import AppAcks
 from engine.settings import Settings
 from engine.store import db
 from engine.worker.metrics import WORKERS, Reporter
@@ -73,7 +74,10 @@ def build_processor(root: Path, settings: Settings) -> Processor:
     validated = frozenset(ch.name for ch in project.channels if ch.config.validation == "hl7apy")
     # on SQLite, reads before the write transaction go through an engine that does not take the write lock
     reader = db.make_engine(url, pool_size=1) if db.is_sqlite(url) else None
-    return Processor(engine, Router(routes), map_message, apply_facts, timezones, validated, apply_many, reader)
+    processor = Processor(engine, Router(routes), map_message, apply_facts, timezones, validated, apply_many, reader)
+    appacks = AppAcks((ch.name, ch.config) for ch in project.channels)
+    processor.appacks = appacks if appacks else None
+    return processor
 
 
 def work(root: Path, settings: Settings, index: int, count: int, stop: threading.Event,

@@ -27,8 +27,9 @@ from engine.errors import EngineError, HL7Error
 from engine.hl7.charsets import decode
 from engine.hl7.message import Message
 from engine.observe import get_logger
+from engine.outbound.appack import AppAcks
 from engine.store.keys import Key, search_keys, write_keys
-from engine.store.schema import message_events, messages, parked_patients
+from engine.store.schema import message_events, messages, outbound, parked_patients
 from engine.worker.metrics import Reporter
 from engine.worker.router import MessageKey, Router
 from engine.worker.validate import ValidationFailed, validate
@@ -81,6 +82,7 @@ class Processor:
         self.map_message = map_message
         self.apply_facts = apply_facts
         self.timezones = timezones  # channel -> timezone
+        self.appacks: AppAcks | None = None  # enhanced-mode channels that send application ACKs
 
     def process(self, uid: str, *, after: Callable[[Connection], None] | None = None) -> Outcome:
         """Process the message ``uid``; ``after(conn)`` runs in the same transaction before the commit
@@ -112,6 +114,8 @@ class Processor:
                 for wave in self._waves(items, batch):
                     self._run_wave(conn, items, wave, batch, outcomes)
                 self._write_marks(conn, batch.marks)
+                if self.appacks:
+                    self._write_appacks(conn, batch)
                 write_keys(conn, batch.search)
         except DBAPIError as exc:
             if self.reporter is not None:
@@ -370,6 +374,15 @@ class Processor:
                 done.parked = key
             batch.keep(done)
         return Outcome("error", exc.step, exc.reason)
+
+    def _write_appacks(self, conn: Connection, batch: _Batch) -> None:
+        """The application ACKs owed for the batch's outcomes, committed with them (engine.outbound)."""
+        assert self.appacks is not None
+        last = {m["b_uid"]: m for m in batch.marks}  # a message's final status in this batch
+        rows = self.appacks.rows(((batch.rows[uid], m["b_status"], m["b_step"], m["b_error"])
+                                  for uid, m in last.items() if uid in batch.rows), datetime.now(UTC))
+        if rows:
+            conn.execute(insert(outbound), rows)
 
     @staticmethod
     def _write_marks(conn: Connection, marks: list[dict[str, Any]]) -> None:

@@ -1,0 +1,341 @@
+"""Enhanced-mode application ACKs without the engine: which outcome earns one (MSH-16), its bytes,
+the channel settings, and delivery to a peer's listener (sent, refused, retried, expired) on both
+store backends."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+from sqlalchemy import Engine, insert, select
+
+from engine.config.models import ChannelConfig
+from engine.hl7.ack import application_ack_due
+from engine.outbound.appack import AppAcks, control_id
+from engine.outbound.deliver import Deliverer
+from engine.store.schema import outbound
+from tests.conftest import free_port
+from tests.peer import Peer
+
+
+def channel(to: str = "127.0.0.1:6661", **ack: Any) -> ChannelConfig:
+    return ChannelConfig.model_validate({"timezone": "Europe/Minsk", "charset": "windows-1251",
+                                         "ack": {"mode": "enhanced", "application": "CENTRAL", "facility": "MOH",
+                                                 "application_acks": {"to": to, **ack}}})
+
+
+def message(msh15: str = "AL", msh16: str = "AL", msh18: str = "") -> bytes:
+    text = (f"MSH|^~\\&|LIS|MINSKLAB|HL7ENGINE|CENTRAL|20261122080000||ORU^R01^ORU_R01|C42|P|2.5.1|||{msh15}|{msh16}"
+            f"|BY|{msh18}\rPID|1||BY-1^^^MINSKLAB^MR||Иванова^Анна\r")
+    return text.encode("utf-8" if msh18 == "UNICODE UTF-8" else "cp1251")
+
+
+def fields(payload: bytes, segment: str, codec: str = "cp1251") -> list[str]:
+    line = next(s for s in payload.decode(codec).split("\r") if s.startswith(segment + "|"))
+    return line.split("|")
+
+
+@pytest.mark.parametrize(("msh16", "code", "due"), [
+    ("AL", "AA", True), ("AL", "AE", True), ("", "AA", True), ("", "AE", True),
+    ("NE", "AA", False), ("NE", "AE", False),
+    ("ER", "AA", False), ("ER", "AE", True), ("ER", "AR", True),
+    ("SU", "AA", True), ("SU", "AE", False),
+    ("XX", "AA", True),
+])
+def test_msh16_decides_which_outcomes_are_acknowledged(msh16: str, code: str, due: bool) -> None:
+    assert application_ack_due(msh16, code) is due
+
+
+def test_a_processed_message_gets_aa_asking_for_a_commit_ack() -> None:
+    acks = AppAcks([("lab", channel())])
+    built = acks.build("lab", message(), "processed", None, None)
+    assert built is not None
+    code, payload = built
+    assert code == "AA"
+    msh = fields(payload, "MSH")
+    # sender and receiver swapped; MSH-9 ACK^R01^ACK; MSH-15 AL (answer with a commit ACK), MSH-16 NE
+    assert msh[2:6] == ["HL7ENGINE", "CENTRAL", "LIS", "MINSKLAB"]
+    assert msh[8] == "ACK^R01^ACK" and msh[10:12] == ["P", "2.5.1"]
+    assert msh[14:16] == ["AL", "NE"] and len(msh) == 16
+    assert msh[9] == control_id(payload) and msh[9].startswith("P")
+    assert fields(payload, "MSA")[1:3] == ["AA", "C42"]
+    assert b"ERR|" not in payload
+    assert acks.build("lab", message(), "filtered", "route", "no route matched")[0] == "AA"  # type: ignore[index]
+
+
+@pytest.mark.parametrize(("status", "step", "err3", "err5"), [
+    ("error", "map", "207", "PROCESSING_MAP"),
+    ("error", "route", "200", "PROCESSING_ROUTE"),
+    ("held", "order", "206", "PROCESSING_ORDER"),
+])
+def test_a_failed_message_gets_ae_with_the_step_and_reason(status: str, step: str, err3: str, err5: str) -> None:
+    built = AppAcks([("lab", channel())]).build("lab", message(), status, step, "two PID|segments")
+    assert built is not None
+    code, payload = built
+    assert code == "AE"
+    msa = fields(payload, "MSA")
+    assert msa[1:3] == ["AE", "C42"]
+    assert msa[3] == f"message stored but not processed ({step}: two PID\\F\\segments)"
+    err = fields(payload, "ERR")
+    assert err[3].split("^")[0] == err3 and err[5].split("^")[0] == err5
+
+
+@pytest.mark.parametrize(("msh15", "msh16", "status", "sent"), [
+    ("", "", "processed", False),  # original mode: the one ACK went on the sender's connection
+    ("AL", "NE", "processed", False), ("AL", "NE", "error", False),
+    ("NE", "ER", "processed", False), ("NE", "ER", "error", True),
+    ("AL", "SU", "processed", True), ("AL", "SU", "held", False),
+    ("NE", "", "processed", True),
+])
+def test_only_what_msh16_asks_for_is_built(msh15: str, msh16: str, status: str, sent: bool) -> None:
+    built = AppAcks([("lab", channel())]).build("lab", message(msh15, msh16), status, "map", "bad")
+    assert (built is not None) is sent
+
+
+def test_no_ack_for_other_channels_or_unfinished_outcomes() -> None:
+    acks = AppAcks([("lab", channel()), ("plain", ChannelConfig())])
+    assert acks.build("plain", message(), "processed", None, None) is None
+    assert acks.build("lab", message(), "queued", None, None) is None
+    assert acks.build("lab", message(), "duplicate", None, None) is None
+    assert not AppAcks([("plain", ChannelConfig())])
+
+
+def test_the_ack_is_in_the_senders_character_set() -> None:
+    acks = AppAcks([("lab", channel())])
+    _, cp1251 = acks.build("lab", message(), "error", "map", "нет пациента")  # type: ignore[misc]
+    assert "нет пациента" in fields(cp1251, "MSA")[3]
+    _, utf8 = acks.build("lab", message(msh18="UNICODE UTF-8"), "error", "map",  # type: ignore[misc]
+                         "нет пациента")
+    msh = fields(utf8, "MSH", "utf-8")
+    assert msh[14:16] == ["AL", "NE"] and msh[17] == "UNICODE UTF-8" and len(msh) == 18
+    assert "нет пациента" in fields(utf8, "MSA", "utf-8")[3]
+
+
+def test_rows_for_a_batch_of_outcomes() -> None:
+    acks = AppAcks([("lab", channel("peer.example:7001"))])
+    now = datetime(2026, 12, 6, tzinfo=UTC)
+    row = SimpleNamespace(id=7, channel="lab", raw=message())
+    rows = acks.rows([(row, "processed", None, None), (SimpleNamespace(id=8, channel="lab", raw=message("AL", "ER")),
+                                                        "processed", None, None)], now)
+    assert len(rows) == 1
+    r = rows[0]
+    assert (r["message_id"], r["kind"], r["destination"], r["code"], r["status"], r["attempts"]) == (
+        7, "app_ack", "peer.example:7001", "AA", "pending", 0)
+    assert r["control_id"] == control_id(r["payload"]) and r["next_attempt_at"] == now
+
+
+def test_channel_settings_are_checked() -> None:
+    with pytest.raises(ValidationError, match="application ACKs need mode: enhanced"):
+        ChannelConfig.model_validate({"ack": {"application_acks": {"to": "lis:6661"}}})
+    with pytest.raises(ValidationError, match="expected host:port"):
+        channel("lis")
+    with pytest.raises(ValidationError, match="expected host:port"):
+        channel("lis:70000")
+    with pytest.raises(ValidationError, match="cert_file and key_file go together"):
+        channel(tls={"cert_file": "/etc/a.crt"})
+    cfg = channel("[::1]:6661").ack.application_acks
+    assert cfg is not None and (cfg.host, cfg.port) == ("::1", 6661)
+    with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
+        ChannelConfig.model_validate({"ack": {"mode": "enhanced", "application_acks": {"to": "a:1", "retry": 3}}})
+
+
+# -- delivery -------------------------------------------------------------------------------------
+
+class Clock:
+    def __init__(self) -> None:
+        self.at = datetime.now(UTC)
+
+    def __call__(self) -> datetime:
+        return self.at
+
+
+def add(engine: Engine, n: int, *, channel_name: str = "lab", created: datetime | None = None) -> list[int]:
+    acks = AppAcks([(channel_name, channel())])
+    at = created or datetime.now(UTC) - timedelta(seconds=1)
+    rows = []
+    for i in range(n):
+        raw = message().replace(b"|C42|", f"|C{i}|".encode())
+        rows += acks.rows([(SimpleNamespace(id=100 + i, channel=channel_name, raw=raw), "processed", None, None)], at)
+    with engine.begin() as conn:
+        conn.execute(insert(outbound), rows)
+        return [r.id for r in conn.execute(select(outbound.c.id).order_by(outbound.c.id)).all()][-n:]
+
+
+def state(engine: Engine) -> list[Any]:
+    with engine.connect() as conn:
+        return conn.execute(select(outbound).order_by(outbound.c.id)).all()
+
+
+def deliverer(db_url: str, port: int, clock: Clock, **ack: Any) -> Deliverer:
+    return Deliverer(db_url, [("lab", channel(f"127.0.0.1:{port}", answer_timeout="2s", connect_timeout="2s", **ack))],
+                     now=clock)
+
+
+def test_delivered_in_order_and_marked_sent(db_url: str, engine: Engine) -> None:
+    peer = Peer()
+    clock = Clock()
+    d = deliverer(db_url, peer.port, clock)
+    try:
+        add(engine, 3)
+        assert d.run_once() == 3
+        assert [control_id(p) for p in peer.received] == [control_id(r.payload) for r in state(engine)]
+        assert [fields(p, "MSA")[2] for p in peer.received] == ["C0", "C1", "C2"]
+        rows = state(engine)
+        assert {(r.status, r.attempts, r.answer) for r in rows} == {("sent", 1, "CA peer says CA")}
+        assert all(r.sent_at is not None and r.destination == f"127.0.0.1:{peer.port}" for r in rows)
+        assert d.run_once() == 0  # nothing due any more
+        assert len(peer.received) == 3
+    finally:
+        d.close()
+        peer.close()
+
+
+def test_a_refusal_is_final(db_url: str, engine: Engine) -> None:
+    peer = Peer(answer="CR")
+    clock = Clock()
+    d = deliverer(db_url, peer.port, clock)
+    try:
+        add(engine, 2)
+        d.run_once()
+        assert [(r.status, r.last_error) for r in state(engine)] == [("refused", "CR peer says CR")] * 2
+        clock.at += timedelta(days=1)
+        assert d.run_once() == 0
+    finally:
+        d.close()
+        peer.close()
+
+
+@pytest.mark.parametrize(("answer", "error"), [
+    ("CE", "the peer answered CE peer says CE"),
+    ("", "no answer within 2s"),
+    ("wrong", "the answer is for another message (MSA-2 'OTHER')"),
+])
+def test_a_failed_attempt_is_retried_after_a_backoff_the_rest_waiting(db_url: str, engine: Engine,
+                                                                      answer: str, error: str) -> None:
+    peer = Peer(answer=answer)
+    clock = Clock()
+    d = deliverer(db_url, peer.port, clock)
+    try:
+        add(engine, 3)
+        d.run_once()
+        first, *rest = state(engine)
+        assert (first.status, first.attempts, first.last_error) == ("pending", 1, error)
+        assert first.next_attempt_at == clock.at + timedelta(seconds=1)
+        assert [(r.status, r.attempts, r.next_attempt_at) for r in rest] == [("pending", 0, first.next_attempt_at)] * 2
+        assert len(peer.received) == 1  # the later ones waited behind the first
+        assert d.run_once() == 0  # not due yet
+        peer.answer = "CA"
+        clock.at += timedelta(seconds=1)
+        assert d.run_once() == 3
+        assert [(r.status, r.attempts) for r in state(engine)] == [("sent", 2), ("sent", 1), ("sent", 1)]
+    finally:
+        d.close()
+        peer.close()
+
+
+def test_no_listener_backs_off_then_gives_up(db_url: str, engine: Engine) -> None:
+    clock = Clock()
+    d = deliverer(db_url, free_port(), clock, give_up_after="1h")
+    try:
+        add(engine, 1, created=clock.at)
+        delays = []
+        for _ in range(4):
+            d.run_once()
+            row = state(engine)[0]
+            assert row.status == "pending" and "ConnectionRefusedError" in (row.last_error or "")
+            delays.append((row.next_attempt_at - clock.at).total_seconds())
+            clock.at = row.next_attempt_at
+        assert delays == [1, 2, 4, 8]
+        clock.at += timedelta(hours=1)
+        d.run_once()
+        assert [(r.status, r.attempts) for r in state(engine)] == [("expired", 5)]
+        assert d.run_once() == 0
+    finally:
+        d.close()
+
+
+def test_rows_of_channels_not_configured_here_are_left_alone(db_url: str, engine: Engine, tmp_path: Path) -> None:
+    peer = Peer()
+    d = deliverer(db_url, peer.port, Clock())
+    try:
+        add(engine, 1, channel_name="elsewhere")
+        assert d.run_once() == 0
+        assert [r.status for r in state(engine)] == ["pending"]
+    finally:
+        d.close()
+        peer.close()
+
+
+def test_delivered_over_tls_verifying_the_peer(db_url: str, engine: Engine, tmp_path: Path) -> None:
+    import ssl
+
+    from tests.test_config import self_signed
+
+    cert, key = tmp_path / "peer.crt", tmp_path / "peer.key"
+    self_signed(cert, key)  # CN=localhost
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(str(cert), str(key))
+    peer = Peer(tls=server)
+    clock = Clock()
+    trusting = deliverer(db_url, peer.port, clock, tls={"ca_file": str(cert), "server_name": "localhost"})
+    untrusting = deliverer(db_url, peer.port, clock, tls={"server_name": "localhost"})  # system CAs only
+    try:
+        add(engine, 1)
+        untrusting.run_once()
+        row = state(engine)[0]
+        assert row.status == "pending" and "CERTIFICATE_VERIFY_FAILED" in (row.last_error or "")
+        assert peer.received == []
+        clock.at = row.next_attempt_at
+        assert trusting.run_once() == 1
+        assert [(r.status, r.answer) for r in state(engine)] == [("sent", "CA peer says CA")]
+        assert len(peer.received) == 1
+    finally:
+        trusting.close()
+        untrusting.close()
+        peer.close()
+
+
+def test_operators_list_and_resend_them(db_url: str, engine: Engine, tmp_path: Path) -> None:
+    import json
+
+    from tests.test_cli import in_process
+
+    peer = Peer(answer="CR")
+    clock = Clock()
+    d = deliverer(db_url, peer.port, clock, give_up_after="1s")
+    env = {"HL7ENGINE_DATABASE_URL": db_url}
+
+    def cli(*args: str) -> Any:
+        return in_process("app-acks", *args, "--config", str(tmp_path), env=env)
+
+    try:
+        first, second = add(engine, 2)
+        d.run_once()  # both refused
+        listed = [json.loads(line) for line in cli("--json").stdout.splitlines()]
+        assert [(r["id"], r["status"], r["code"], r["last_error"]) for r in listed] == [
+            (second, "refused", "AA", "CR peer says CR"), (first, "refused", "AA", "CR peer says CR")]
+        text = cli("--status", "refused").stdout
+        assert "refused" in text and "CR peer says CR" in text and str(first) in text
+        assert cli("--status", "sent").stdout.strip() == "no application ACKs"
+        bad = cli("--status", "lost")
+        assert bad.returncode == 2 and "expected one of pending, sent, refused, expired" in bad.stderr
+
+        assert "would send again 2 application ACK(s)" in cli("resend", "--status", "refused", "--dry-run").stdout
+        assert [r.status for r in state(engine)] == ["refused"] * 2
+        out = cli("resend", str(first))
+        assert out.returncode == 0 and "will send again 1 application ACK(s)" in out.stdout, out
+        assert [r.status for r in state(engine)] == ["pending", "refused"]
+        peer.answer = "CA"
+        clock.at = datetime.now(UTC) + timedelta(seconds=1)
+        assert d.run_once() == 1
+        assert [r.status for r in state(engine)] == ["sent", "refused"]
+        assert cli("resend", "999999").returncode == 2
+        assert cli("resend").returncode == 2  # neither ids nor a status
+        assert [json.loads(line)["id"] for line in cli("--message", "101", "--json").stdout.splitlines()] == [second]
+    finally:
+        d.close()
+        peer.close()
