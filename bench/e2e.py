@@ -15,6 +15,11 @@ services on 127.0.0.1; a fresh database and queue names per run), or on the embe
     python bench/e2e.py --messages 20000 --workers 2
     python bench/e2e.py --messages 6000 --workers 2 --rate 250   # latency below the peak
     python bench/e2e.py --messages 6000 --workers 2 --rate 250 --ack-after processed
+    python bench/e2e.py --messages 6000 --workers 2 --rate 250 --application-acks
+
+With ``--application-acks`` the channel runs in enhanced mode with ``ack.application_acks`` pointing
+at a listener this script runs (it answers each application ACK with CA), the messages ask for
+application ACKs (MSH-15/16 AL), and it also reports receipt -> application ACK received, p50/p99.
 
 Sent as fast as ACKs come, the workers fall behind the receiving path and receipt->commit latency
 is mostly time spent queued; pace the load with ``--rate`` to measure it below the peak.
@@ -30,9 +35,11 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from sqlalchemy import create_engine, func, select, text
@@ -78,7 +85,41 @@ def wait_port(port: int, timeout: float = 60) -> None:
     raise SystemExit(f"engine did not listen on {port}")
 
 
-def config_dir(port: int, ack_after: str = "stored") -> Path:
+class AckListener:
+    """The sender's own listener for application ACKs: notes when each arrives (by MSA-2) and
+    answers it with CA."""
+
+    def __init__(self) -> None:
+        self.arrived: dict[str, tuple[str, float]] = {}  # MSA-2 -> (MSA-1, epoch seconds)
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        buf = b""
+        with conn:
+            while data := conn.recv(65536):
+                buf += data
+                while (end := buf.find(b"\x1c\r")) >= 0:
+                    start = buf.find(b"\x0b")
+                    frame, buf = buf[start + 1:end], buf[end + 2:]
+                    segs = frame.decode("latin-1").split("\r")
+                    msa = next(x for x in segs if x.startswith("MSA|")).split("|")
+                    self.arrived[msa[2]] = (msa[1], time.time())
+                    ours = segs[0].split("|")[9]
+                    conn.sendall(b"\x0bMSH|^~\\&|LIS|CITYLAB|HL7ENGINE|CENTRAL|20261206||ACK|K1|P|2.5.1\rMSA|CA|"
+                                 + ours.encode() + b"\r\x1c\r")
+
+
+def config_dir(port: int, ack_after: str = "stored", app_acks_port: int = 0) -> Path:
     """This repository's configuration, with the channel on a free port."""
     d = Path(tempfile.mkdtemp(prefix="hl7e2e-"))
     (d / "channels").mkdir()
@@ -86,6 +127,9 @@ def config_dir(port: int, ack_after: str = "stored") -> Path:
     lab = lab.replace("host: 0.0.0.0", "host: 127.0.0.1")
     if ack_after != "stored":
         lab = lab.replace("\nack:\n", f"\nack:\n  after: {ack_after}\n  processing_timeout: 60s\n")
+    if app_acks_port:
+        lab = lab.replace("  mode: original", "  mode: enhanced").replace(
+            "\nack:\n", f"\nack:\n  application_acks:\n    to: 127.0.0.1:{app_acks_port}\n")
     (d / "channels" / "lab.yaml").write_text(lab)
     (d / "routes.yaml").write_text((ROOT / "routes.yaml").read_text())
     os.symlink(ROOT / "mappings", d / "mappings")
@@ -103,12 +147,19 @@ def main() -> None:
                          "something only below the end-to-end peak, e.g. at half of it")
     ap.add_argument("--ack-after", choices=["stored", "processed"], default="stored",
                     help="the channel's ack.after: processed makes the ACK latency receipt->record commit")
+    ap.add_argument("--application-acks", action="store_true",
+                    help="enhanced mode with application ACKs to a listener run here; reports receipt -> "
+                         "application ACK received")
     args = ap.parse_args()
+    if args.application_acks and args.ack_after != "stored":
+        raise SystemExit("--application-acks needs enhanced mode, which acknowledges on receipt (ack.after stored)")
+    acks = AckListener() if args.application_acks else None
+    template = SAMPLE.replace("|P|2.5.1\r", "|P|2.5.1|||AL|AL\r", 1) if acks else SAMPLE
 
     baseline = python_hl7_parse_rate(SAMPLE.format(cid="BASE1", pid="P1"))
     print(f"peer baseline: python-hl7 hl7.parse alone, same message: {baseline:,.0f} msgs/s on one core")
     port = free_port()
-    cfg = config_dir(port, args.ack_after)
+    cfg = config_dir(port, args.ack_after, acks.port if acks else 0)
     env = {k: v for k, v in os.environ.items() if not k.startswith("HL7ENGINE_")}
     env.update(HL7ENGINE_HTTP_PORT="0", HL7ENGINE_LOG_LEVEL="warning")
     dbname = queue = ""
@@ -130,7 +181,7 @@ def main() -> None:
         time.sleep(2)  # workers connected
         t0 = time.time()
         res = asyncio.run(run_load("127.0.0.1", port, connections=args.connections, messages=args.messages,
-                                   rate=args.rate))
+                                   rate=args.rate, template=template))
         print(f"intake (ack.after {args.ack_after}): {res.messages} msgs in {res.seconds:.2f}s = "
               f"{res.rate:,.0f} msgs/s; ACK p50 {res.p50_ms:.2f} ms, p99 {res.p99_ms:.2f} ms; errors {res.errors}, "
               f"not AA {res.not_aa}")
@@ -159,6 +210,8 @@ def main() -> None:
               f"{obs / span:,.0f} observations/s; receipt->commit p50 {percentile(lat, 0.50):.1f} ms, "
               f"p99 {percentile(lat, 0.99):.1f} ms; statuses {statuses}; observations stored {obs:,}; "
               f"wall {time.time() - t0:.1f}s")
+        if acks is not None:
+            report_application_acks(acks, engine, len(rows))
         engine.dispose()
     finally:
         for p in (listen, work):
@@ -170,6 +223,22 @@ def main() -> None:
         if dbname:
             with psycopg.connect(PG_ADMIN, autocommit=True) as c:
                 c.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+
+
+def report_application_acks(acks: AckListener, engine: Any, expected: int) -> None:
+    """Wait for every message's application ACK; print their rate and latency from receipt."""
+    deadline = time.time() + 300
+    while len(acks.arrived) < expected and time.time() < deadline:
+        time.sleep(0.2)
+    with engine.connect() as conn:
+        received = {r.control_id: r.received_at.timestamp() for r in conn.execute(
+            select(messages.c.control_id, messages.c.received_at).where(messages.c.status == "processed"))}
+    got = [(cid, at) for cid, (code, at) in acks.arrived.items() if cid in received and code == "AA"]
+    lat = sorted((at - received[cid]) * 1000 for cid, at in got)
+    span = max(at for _, at in got) - min(received[cid] for cid, _ in got)
+    print(f"application ACKs: {len(got)} AA of {expected} messages at the sender's listener in {span:.2f}s "
+          f"= {len(got) / span:,.0f}/s; receipt->application ACK p50 {percentile(lat, 0.50):.1f} ms, "
+          f"p99 {percentile(lat, 0.99):.1f} ms; other codes {len(acks.arrived) - len(got)}")
 
 
 if __name__ == "__main__":

@@ -81,7 +81,7 @@ class _Result:
 class Deliverer:
     """Sends due application ACKs of the given channels; ``start`` runs it in a thread."""
 
-    def __init__(self, database_url: str, channels: Iterable[tuple[str, ChannelConfig]], *, interval: float = 0.2,
+    def __init__(self, database_url: str, channels: Iterable[tuple[str, ChannelConfig]], *, interval: float = 0.05,
                  backoff_first: float = 1.0, backoff_most: float = 300.0,
                  now: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         self.database_url = database_url
