@@ -228,10 +228,13 @@ def test_a_failed_attempt_is_retried_after_a_backoff_the_rest_waiting(db_url: st
         assert [(r.status, r.attempts, r.next_attempt_at) for r in rest] == [("pending", 0, first.next_attempt_at)] * 2
         assert len(peer.received) == 1  # the later ones waited behind the first
         assert d.run_once() == 0  # not due yet
+        add(engine, 1, created=clock.at)  # a new one, due at once, still waits behind the first
+        assert d.run_once() == 0
         peer.answer = "CA"
         clock.at += timedelta(seconds=1)
-        assert d.run_once() == 3
-        assert [(r.status, r.attempts) for r in state(engine)] == [("sent", 2), ("sent", 1), ("sent", 1)]
+        assert d.run_once() == 4
+        assert [(r.status, r.attempts) for r in state(engine)] == [("sent", 2), ("sent", 1), ("sent", 1), ("sent", 1)]
+        assert [control_id(p) for p in peer.received[1:]] == [control_id(r.payload) for r in state(engine)]
     finally:
         d.close()
         peer.close()
@@ -338,4 +341,35 @@ def test_operators_list_and_resend_them(db_url: str, engine: Engine, tmp_path: P
         assert [json.loads(line)["id"] for line in cli("--message", "101", "--json").stdout.splitlines()] == [second]
     finally:
         d.close()
+        peer.close()
+
+
+def test_two_listeners_never_send_one_twice_and_keep_the_order(db_url: str, engine: Engine) -> None:
+    import threading
+
+    peer = Peer()
+    clock = Clock()
+    a, b = deliverer(db_url, peer.port, clock), deliverer(db_url, peer.port, clock)
+    try:
+        add(engine, 30)
+        sent = []
+        go = threading.Barrier(2)
+
+        def run(d: Deliverer) -> None:
+            go.wait()
+            sent.append(d.run_once())
+
+        threads = [threading.Thread(target=run, args=(d,)) for d in (a, b)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        # one claimed all 30; the other found them claimed (or waiting behind the claimed ones)
+        assert sorted(sent) == [0, 30]
+        rows = state(engine)
+        assert [r.status for r in rows] == ["sent"] * 30
+        assert [control_id(p) for p in peer.received] == [control_id(r.payload) for r in rows]
+    finally:
+        a.close()
+        b.close()
         peer.close()

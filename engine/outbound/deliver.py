@@ -2,8 +2,10 @@
 
 Runs in the listener process (``hl7engine run`` / ``listen``), in a thread of its own. Every
 ``interval`` it looks for rows that are due; when there are some it claims them (PostgreSQL:
-``FOR UPDATE SKIP LOCKED`` and a lease, so several listener hosts never send the same row at once)
-and sends them over MLLP, oldest first per channel, on a connection kept open between rounds. Each
+an advisory lock for the claim, ``FOR UPDATE SKIP LOCKED`` and a lease, so several listener hosts
+never send the same row at once)
+and sends them over MLLP, oldest first per channel (none while an older one of the channel waits for
+its retry or is claimed by another listener), on a connection kept open between rounds. Each
 application ACK asks for a commit ACK (MSH-15 AL) and waits for it:
 
 - CA (or AA) with our MSH-10 in MSA-2: ``sent``;
@@ -27,7 +29,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, bindparam, select, update
+from sqlalchemy import Engine, bindparam, select, text, update
 
 from engine.config.models import ApplicationAcksConfig, ChannelConfig
 from engine.mllp.client import MLLPClient, client_tls_context, read_acks
@@ -145,8 +147,13 @@ class Deliverer:
         """One round: claim the due rows, send them, record what happened. Returns how many rows."""
         engine, reader = self._engines()
         now = self.now()
+        # due, unless an older one of its channel is waiting (a retry later, or claimed by another
+        # listener): a channel's application ACKs leave in the order they were written
+        h = outbound.alias("earlier")
+        waiting = select(h.c.id).where(h.c.channel == outbound.c.channel, h.c.status == "pending",
+                                       h.c.id < outbound.c.id, h.c.next_attempt_at > now).exists()
         due = (outbound.c.status == "pending") & (outbound.c.next_attempt_at <= now) \
-            & outbound.c.channel.in_(sorted(self.peers))
+            & outbound.c.channel.in_(sorted(self.peers)) & ~waiting
         with reader.connect() as conn:
             if conn.execute(select(outbound.c.id).where(due).limit(1)).first() is None:
                 return 0
@@ -155,6 +162,10 @@ class Deliverer:
                        outbound.c.attempts, outbound.c.created_at, outbound.c.destination
                        ).where(due).order_by(outbound.c.id).limit(BATCH)
             if conn.dialect.name == "postgresql":
+                # one listener claims at a time (SQLite: BEGIN IMMEDIATE), so a claim always sees the
+                # previous one's lease and the order rule above holds across listeners
+                if not conn.execute(text("SELECT pg_try_advisory_xact_lock(7412)")).scalar():
+                    return 0
                 q = q.with_for_update(skip_locked=True)
             rows = conn.execute(q).all()
             if rows:
