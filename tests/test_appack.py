@@ -373,3 +373,16 @@ def test_two_listeners_never_send_one_twice_and_keep_the_order(db_url: str, engi
         a.close()
         b.close()
         peer.close()
+
+
+def test_an_unreachable_store_is_retried_and_stop_is_prompt(tmp_path: Path) -> None:
+    import time
+
+    d = Deliverer(f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/none",
+                  [("lab", channel())], interval=0.01)
+    d.start()
+    time.sleep(0.3)
+    assert d._thread is not None and d._thread.is_alive() and d._failing  # still trying, said so once
+    started = time.monotonic()
+    d.close()
+    assert not d._thread.is_alive() and time.monotonic() - started < 6

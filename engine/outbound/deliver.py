@@ -122,12 +122,15 @@ class Deliverer:
             try:
                 busy = self.run_once()
                 if self._failing:
-                    log.info("application ACK delivery: store reachable again")
+                    log.info("application ACK delivery works again")
                     self._failing = False
-            except Exception as exc:  # the store unreachable: keep trying, say so once
+            except Exception as exc:  # e.g. the store unreachable: keep trying, say so once
                 busy = 0
                 if not self._failing:
-                    log.error("application ACK delivery: cannot read the store", error=str(exc)[:200])
+                    # the driver's first line only: SQLAlchemy's text would carry the statement's parameters
+                    first = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+                    log.error("application ACK delivery failed; retrying", error=(first[0] if first else
+                                                                                 type(exc).__name__)[:300])
                     self._failing = True
                 self._stop.wait(min(5.0, self.interval * 10))
             self._close_idle()
