@@ -366,3 +366,85 @@ def test_one_patient_per_message() -> None:
     with pytest.raises(MappingError) as info:
         mset.get("oru_r01").apply(m, mset.context("lab", "UTC"))
     assert "several patients" in info.value.reason and info.value.where.startswith("checks[0]")
+
+
+# -- template: (Jinja2, sandboxed) ------------------------------------------------------------------
+
+TEMPLATED = """\
+mapping: t
+rules:
+  - fact: patient
+    fields:
+      identifiers: "PID-3[*]"
+  - fact: report
+    for_each: OBR
+    key: OBR-3.1
+    fields:
+      code: OBR-4
+      status: {const: final}
+      performer:
+        template: >-
+          {{ field('OBR-16.3') | title }} {{ field('OBR-16.2') | upper }}{% if field('OBR-16.1') %}
+          ({{ field('OBR-16.1') }}){% endif %}, {{ channel }}/{{ status }}
+  - fact: observation
+    for_each: OBX
+    under: OBR
+    key: "OBR-3.1 ~ '|' ~ OBX-3.1"
+    fields:
+      code: OBX-3
+      status: {const: final}
+      producing_lab:
+        template: "{% for n in field('NTE[*]-3') %}{{ n }}{% if not loop.last %}; {% endif %}{% endfor %}"
+      performer: {template: "{{ field('OBX-16.2') }}"}
+"""
+
+
+def test_a_template_computes_a_string_with_paths_names_filters_and_loops(tmp_path: Path) -> None:
+    mset, problems = load_mappings(project(tmp_path, {"t.yaml": TEMPLATED}))
+    assert not problems, problems
+    m = msg(MSH, PID, "OBR|1|P1|F1|CBC^CBC^LN||||||||||||77^ivanov^petr", "OBX|1|ST|X^x^L||a||||||F",
+            "NTE|1||first", "NTE|2||second", "OBX|2|ST|Y^y^L||b||||||F")
+    out = mset.get("t").apply(m, MapContext("lab", "UTC", mset.tables))
+    assert out.reports[0].performer == "Petr IVANOV (77), lab/final"
+    obs = out.observations
+    assert obs[0].producing_lab == "first; second"
+    assert obs[1].producing_lab is None  # no NTE: empty, so the field keeps its default
+    assert obs[0].performer is None  # empty rendering is no value
+
+
+@pytest.mark.parametrize(("template", "problem"), [
+    ("{{ field('OBR-16.2' }}", "template: unexpected '}'"),
+    ("{{ field(path) }}", "field() takes one HL7 path in quotes"),
+    ("{{ field('OBR-99') }}", "template: field('OBR-99'):"),
+    ("{{ nosuch }}", "template: unknown name 'nosuch'"),
+    ("{{ performer }}", "performer is not computed before this point"),
+    ("{{ field('OBR-16.2') | nosuch }}", "template: No filter named 'nosuch'"),
+])
+def test_template_problems_are_found_at_load(tmp_path: Path, template: str, problem: str) -> None:
+    start = TEMPLATED.index("template: >-")
+    end = TEMPLATED.index("\n", TEMPLATED.index("{{ channel }}"))
+    text = TEMPLATED[:start] + f"template: \"{template}\"" + TEMPLATED[end:]
+    assert text != TEMPLATED
+    _, problems = load_mappings(project(tmp_path, {"t.yaml": text}))
+    assert any(problem in p.message and p.path == "rules[1].fields.performer.template" and p.line == 13
+               for p in problems), [str(p) for p in problems]
+
+
+@pytest.mark.parametrize("template", [
+    "{{ ''.__class__.__mro__ }}",  # no way out of the sandbox
+    "{{ (field('OBX-16.2') | list)[99] }}",  # index out of range
+    "{{ range(10**9) | list | length }}",  # the sandbox bounds range()
+    "{{ 1 / 0 }}",
+])
+def test_a_template_that_fails_at_run_time_is_a_conversion_error_without_values(tmp_path: Path,
+                                                                                template: str) -> None:
+    text = TEMPLATED.replace("performer: {template: \"{{ field('OBX-16.2') }}\"}",
+                             f"performer: {{template: \"{template}\"}}")
+    assert text != TEMPLATED
+    mset, problems = load_mappings(project(tmp_path, {"t.yaml": text}))
+    assert not problems, problems
+    m = msg(MSH, PID, "OBR|1|P1|F1|CBC^CBC^LN||||||||||||77^SECRETNAME", "OBX|1|ST|X^x^L||a||||||F")
+    with pytest.raises(MappingError) as info:
+        mset.get("t").apply(m, MapContext("lab", "UTC", mset.tables))
+    assert "observations[0].performer" in info.value.where and "template" in info.value.reason
+    assert "SECRETNAME" not in str(info.value)

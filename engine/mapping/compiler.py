@@ -36,6 +36,7 @@ from engine.mapping.engine import (
 from engine.mapping.expr import Binder, ExprError, Fn, Node, compile_node, empty, parse, text_of
 from engine.mapping.model import FieldSpec, MappingFile, RuleSpec
 from engine.mapping.paths import Path, PathError, check_path, check_segment, parse_path
+from engine.mapping.template import TemplateProblem, compile_template, literal_paths
 from engine.record import facts as F
 from engine.record.facts import FACT_KINDS as _FACT_KINDS
 
@@ -281,10 +282,10 @@ class Compiler:
         return FieldSpec(const=value)
 
     def _field(self, ctx: RuleCtx, name: str, spec: FieldSpec, target: Target, loc: Loc) -> CField | None:
-        n_sources = sum(x is not None for x in (spec.path, spec.expr, spec.const, spec.fields))
+        n_sources = sum(x is not None for x in (spec.path, spec.expr, spec.template, spec.const, spec.fields))
         if n_sources != 1:
-            self.problem(loc, "give exactly one of path:, expr:, const: or fields:" if n_sources else
-                         "needs a value: path:, expr:, const: or fields:")
+            self.problem(loc, "give exactly one of path:, expr:, template:, const: or fields:" if n_sources else
+                         "needs a value: path:, expr:, template:, const: or fields:")
             return None
         before = len(self.problems)
         skip = (spec.invalid or self.spec.invalid) == "skip"
@@ -359,6 +360,9 @@ class Compiler:
         if spec.const is not None:
             v = spec.const
             return _from_value(lambda sc: v, mode), "a constant"
+        if spec.template is not None:
+            fn = self._template(ctx, spec.template, (*loc, "template"))
+            return (None, "") if fn is None else (_from_value(fn, mode), "a template")
         paths: list[tuple[Path, Loc]] = []
         if spec.path is not None:
             raw = spec.path if isinstance(spec.path, list) else [spec.path]
@@ -416,6 +420,31 @@ class Compiler:
                     return found
             return []
         return first_reps, text
+
+    def _template(self, ctx: RuleCtx, source: str, loc: Loc) -> Callable[[Scope], Any] | None:
+        """A ``template:`` field (engine.mapping.template), its paths and names checked as an expression's."""
+        try:
+            paths, names = literal_paths(source)
+        except TemplateProblem as exc:
+            self.problem(loc, str(exc))
+            return None
+        binder = RuleBinder(ctx, loc)
+        readers: dict[str, Callable[[Scope], Any]] = {}
+        values: dict[str, Callable[[Scope], Any]] = {}
+        ok = True
+        for text in paths:
+            try:
+                readers[text] = binder.path(parse_path(text), 0)
+            except (PathError, ExprError) as exc:
+                self.problem(loc, f"template: field({text!r}): {exc}")
+                ok = False
+        for name in sorted(names):
+            try:
+                values[name] = binder.var(name, 0)
+            except ExprError as exc:
+                self.problem(loc, f"template: {exc}")
+                ok = False
+        return compile_template(source, readers, values) if ok else None
 
     def _converter(self, ctx: RuleCtx, conv_name: str, spec: FieldSpec, table: str | None, loc: Loc
                    ) -> Callable[..., Any] | bool | None:

@@ -20,11 +20,13 @@ Scalar = Union[str, bool, int, float]  # noqa: UP007 - a plain alias pydantic re
 
 
 class FieldSpec(Strict):
-    """How one field of a fact is computed. Exactly one source: ``path``, ``expr``, ``const`` or
-    ``fields``."""
+    """How one field of a fact is computed. Exactly one source: ``path``, ``expr``, ``template``,
+    ``const`` or ``fields``."""
 
     path: str | list[str] | None = Field(default=None, description="HL7 path, or a list: the first non-empty")
     expr: str | None = Field(default=None, description="an expression (conditions, computed text)")
+    template: str | None = Field(default=None, description="a Jinja2 template (sandboxed) for a computed string; "
+                                 "field('PID-5.1') reads a path")
     const: Scalar | None = Field(default=None, description="a fixed value")
     fields: dict[str, FieldValue] | None = Field(default=None, description="build a nested object field by field")
     as_: str | None = Field(default=None, alias="as", description="conversion (inferred from the fact field)")
