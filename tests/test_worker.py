@@ -89,6 +89,8 @@ class FakeRecord:
         value = msg.get("OBX-5") or ""
         if value == "POISON" and not self.allow_poison:
             raise EngineError("observations[0].value: OBX-5 is not a number (rule oru.yaml:12)")
+        if value == "MAPBUG":  # a bug in the engine that this message meets
+            raise TypeError(f"cannot add {value!r} to a number")
         return msg.get("PID-3.1") or "", ctx["control_id"], value
 
     def apply(self, conn: Connection, mapped: tuple[str, str, str], uid: str, received_at: datetime) -> int:
@@ -98,6 +100,8 @@ class FakeRecord:
                 raise RetryLater("database is locked")
             if mapped[2] == "BADRECORD":
                 raise EngineError("the record refuses this message")
+            if mapped[2] == "RECORDBUG":
+                raise KeyError(mapped[0])  # a bug whose text quotes a value
             self.applied[mapped[0]].append(mapped[1])
         return 1
 
@@ -431,3 +435,27 @@ def test_settle_acks_runs_with_one_frame_and_never_acks_past_a_failure() -> None
     calls.clear()
     settle(Channel(), [(8, True)])
     assert calls == [("nack", 8, False)]
+
+
+def test_a_bug_a_message_meets_fails_that_message_alone(url: str) -> None:
+    """An unexpected exception (a bug, not an engine error) while mapping or writing one message marks
+    that message error and parks its patient; the batch's other messages are processed, and the error
+    names the exception's type and place, not its text (which may quote patient data)."""
+    raws = [oru("B1", "PA", "1"), oru("B2", "PB", "MAPBUG"), oru("B3", "PC", "RECORDBUG"), oru("B4", "PD", "4"),
+            oru("B5", "PB", "5"), oru("B6", "PE", "6")]
+    store(url, raws)
+    fake = FakeRecord()
+    p = processor(url, fake)
+    drain(p)
+    st = statuses(p.engine)
+    assert st == {"B1": "processed", "B2": "error", "B3": "error", "B4": "processed", "B5": "held", "B6": "processed"}
+    # (the fake record is not transactional: the wave rolled back to its savepoint wrote again one by one)
+    assert {k: set(v) for k, v in fake.applied.items()} == {"PA": {"B1"}, "PD": {"B4"}, "PE": {"B6"}}
+    with p.engine.connect() as conn:
+        errors = {r.control_id: (r.error_step, r.error) for r in conn.execute(
+            select(messages.c.control_id, messages.c.error_step, messages.c.error).where(messages.c.status == "error"))}
+        parked = sorted(conn.execute(select(parked_patients.c.patient_key)).scalars().all())
+    assert errors["B2"][0] == "map" and errors["B2"][1].startswith("internal error (TypeError at test_worker.py:")
+    assert errors["B3"][0] == "record" and errors["B3"][1].startswith("internal error (KeyError at test_worker.py:")
+    assert "MAPBUG" not in errors["B2"][1] and "PC" not in errors["B3"][1]
+    assert parked == ["WLAB|PB^WLAB", "WLAB|PC^WLAB"]

@@ -215,6 +215,8 @@ class Processor:
             if exc.connection_invalidated or _transient(exc):
                 raise
             savepoint.rollback()  # e.g. another worker created one of the patients meanwhile
+        except Exception:  # a bug meeting one of them: one by one finds which (and fails it alone)
+            savepoint.rollback()
         return None
 
     def _write_one(self, conn: Connection, r: _Ready) -> int:
@@ -224,6 +226,8 @@ class Processor:
             raise
         except EngineError as exc:
             raise PermanentError("record", str(exc)) from None
+        except Exception as exc:  # a bug meeting this message: rolled back to its savepoint, it fails alone
+            raise internal_error("record", exc) from None
 
     @staticmethod
     def _finish(conn: Connection, r: _Ready, batch: _Batch) -> None:
@@ -260,11 +264,11 @@ class Processor:
         for row in rows:
             if row.status in FINAL:
                 continue
-            try:
-                msg = Message.parse(decode(row.raw, row.charset or "utf-8"))
-            except HL7Error as exc:
-                pre[row.uid] = (exc, None)
+            parsed = _parse(row)
+            if isinstance(parsed, HL7Error):
+                pre[row.uid] = (parsed, None)
                 continue
+            msg = parsed
             try:
                 pre[row.uid] = (msg, self._route_and_map(row, msg))
             except PermanentError as exc:
@@ -290,13 +294,15 @@ class Processor:
                     continue
                 msg = parsed
             else:
-                try:
-                    msg = Message.parse(decode(row.raw, row.charset or "utf-8"))
-                except HL7Error as exc:
-                    batch.parsed[uid] = exc
+                parsed = _parse(row)
+                batch.parsed[uid] = parsed
+                if isinstance(parsed, HL7Error):
                     continue
-                batch.parsed[uid] = msg
-            batch.search[row.id] = search_keys(msg)
+                msg = parsed
+            try:
+                batch.search[row.id] = search_keys(msg)
+            except Exception as exc:  # a bug: the message goes on without search keys
+                internal_error("index", exc)
             key = patient_key(msg, row.sending_facility or "")
             if key is not None:
                 batch.keys[uid] = key
@@ -360,6 +366,8 @@ class Processor:
             raise
         except EngineError as exc:
             raise PermanentError("map", str(exc)) from None
+        except Exception as exc:  # a bug meeting this message: it fails alone, the others flow on
+            raise internal_error("map", exc) from None
 
     def _mark_failed(self, conn: Connection, uid: str, batch: _Batch, exc: PermanentError) -> Outcome:
         """Mark the message error and park its patient (in the caller's transaction)."""
@@ -459,6 +467,28 @@ def patient_key(msg: Message, facility: str) -> str | None:
     if not ident:
         return None
     return f"{facility}|{ident}^{authority}"[:300]
+
+
+def _parse(row: Any) -> Message | HL7Error:
+    try:
+        return Message.parse(decode(row.raw, row.charset or "utf-8"))
+    except HL7Error as exc:
+        return exc
+    except Exception as exc:  # a bug meeting this message: it fails alone at step parse
+        err = internal_error("parse", exc)
+        return HL7Error("207", "INTERNAL_ERROR", err.reason)
+
+
+def internal_error(step: str, exc: Exception) -> PermanentError:
+    """A permanent failure for an unexpected exception (a bug this message meets). The log gets its
+    type and where it was raised, never its text, which may quote the message's values."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = f"{tb.tb_frame.f_code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno}" if tb is not None else "?"
+    log.error("internal error while processing a message", step=step, error=type(exc).__name__, at=where)
+    return PermanentError(step, f"internal error ({type(exc).__name__} at {where}); the message is kept: "
+                                "report it, then replay it once fixed")
 
 
 def _transient(exc: DBAPIError) -> bool:
