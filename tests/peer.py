@@ -17,8 +17,10 @@ def control_id(payload: bytes) -> str:
 
 
 class Peer:
-    def __init__(self, port: int = 0, answer: str = "CA", tls: ssl.SSLContext | None = None) -> None:
+    def __init__(self, port: int = 0, answer: str = "CA", tls: ssl.SSLContext | None = None,
+                 delay: float = 0.0) -> None:
         self.answer = answer
+        self.delay = delay  # seconds before each answer
         self.tls = tls  # CA, CE, CR, "" (answer nothing), "wrong" (MSA-2 of another message)
         self.received: list[bytes] = []
         self.sock = socket.create_server(("127.0.0.1", port))
@@ -59,6 +61,7 @@ class Peer:
                     self.received.append(ev.payload)
                     if not self.answer:
                         continue
+                    time.sleep(self.delay)
                     cid = "OTHER" if self.answer == "wrong" else control_id(ev.payload)
                     code = "CA" if self.answer == "wrong" else self.answer
                     conn.sendall(frame(f"MSH|^~\\&|LIS|MINSKLAB|HL7ENGINE|CENTRAL|20261206||ACK|K{len(self.received)}"

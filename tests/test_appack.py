@@ -386,3 +386,30 @@ def test_an_unreachable_store_is_retried_and_stop_is_prompt(tmp_path: Path) -> N
     started = time.monotonic()
     d.close()
     assert not d._thread.is_alive() and time.monotonic() - started < 6
+
+
+def test_a_slow_peer_never_outlasts_the_lease(db_url: str, engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A round stops sending at half the lease and gives the rest back, due at once, so another
+    listener can never take rows whose lease ran out while they are still being sent."""
+    from engine.outbound import deliver as module
+
+    monkeypatch.setattr(module, "LEASE", 0.5)
+    peer = Peer(delay=0.1)
+    clock = Clock()
+    d = deliverer(db_url, peer.port, clock)
+    try:
+        add(engine, 8)
+        assert d.run_once() == 8  # claimed all, sent what fits in 0.25 s
+        first = [r.status for r in state(engine)]
+        assert 1 <= first.count("sent") <= 4 and first.count("pending") >= 4, first
+        assert all(r.next_attempt_at <= clock.at for r in state(engine) if r.status == "pending")
+        for _ in range(10):
+            if all(r.status == "sent" for r in state(engine)):
+                break
+            d.run_once()
+        rows = state(engine)
+        assert [r.status for r in rows] == ["sent"] * 8
+        assert [control_id(p) for p in peer.received] == [control_id(r.payload) for r in rows]  # in order, once
+    finally:
+        d.close()
+        peer.close()

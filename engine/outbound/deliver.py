@@ -178,8 +178,10 @@ class Deliverer:
         by_channel: dict[str, list[Any]] = {}
         for r in rows:
             by_channel.setdefault(r.channel, []).append(r)
+        # the lease must outlast the round: what is not sent by half of it goes back, due at once
+        deadline = time.monotonic() + LEASE / 2
         for channel, items in by_channel.items():
-            results += self._send(self.peers[channel], items)
+            results += self._send(self.peers[channel], items, deadline)
         if results:
             with engine.begin() as conn:
                 conn.execute(update(outbound).where(outbound.c.id == bindparam("b_id")).values(
@@ -195,12 +197,17 @@ class Deliverer:
                     APPLICATION_ACKS.labels(x.channel, x.outcome).inc()
         return len(rows)
 
-    def _send(self, peer: _Peer, rows: list[Any]) -> list[_Result]:
-        """Send a channel's rows in order; at the first failure the rest wait with it."""
+    def _send(self, peer: _Peer, rows: list[Any], deadline: float) -> list[_Result]:
+        """Send a channel's rows in order; at the first failure the rest wait with it. Past
+        ``deadline`` the rest are given back unsent, due at once."""
         out: list[_Result] = []
         dest = peer.cfg.to
         for i, r in enumerate(rows):
             now = self.now()
+            if time.monotonic() > deadline:
+                out += [_Result(peer.channel, w.id, "pending", w.attempts, now, w.destination or dest,
+                                outcome="waiting") for w in rows[i:]]
+                break
             error = ""
             answer = ""
             code = ""
