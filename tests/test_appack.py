@@ -257,6 +257,13 @@ def test_no_listener_backs_off_then_gives_up(db_url: str, engine: Engine) -> Non
         d.run_once()
         assert [(r.status, r.attempts) for r in state(engine)] == [("expired", 5)]
         assert d.run_once() == 0
+        # an operator sends it again: give_up_after counts from then, so one more failure is a retry
+        from engine.outbound.query import resend
+
+        assert resend(engine, [], status="expired") == [state(engine)[0].id]
+        clock.at = datetime.now(UTC) + timedelta(seconds=1)
+        d.run_once()
+        assert [(r.status, r.attempts) for r in state(engine)] == [("pending", 6)]
     finally:
         d.close()
 

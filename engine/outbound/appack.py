@@ -82,7 +82,7 @@ class AppAcks:
             out.append({"message_id": row.id, "kind": KIND, "channel": row.channel,
                         "destination": self.channels[row.channel].destination, "control_id": control_id(payload),
                         "code": code, "payload": payload, "status": "pending", "attempts": 0, "created_at": now,
-                        "next_attempt_at": now})
+                        "due_at": now, "next_attempt_at": now})
         return out
 
 

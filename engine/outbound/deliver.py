@@ -12,7 +12,7 @@ application ACK asks for a commit ACK (MSH-15 AL) and waits for it:
 - CR (or AR): ``refused``, not sent again (the peer will never take it: see its MSA-3/ERR);
 - CE/AE, no answer within ``answer_timeout``, no connection: tried again after a backoff (1 s,
   doubling up to 5 min), the channel's later rows waiting behind it; after ``give_up_after``
-  since it was due: ``expired``.
+  since it was due (written, or resent by an operator): ``expired``.
 
 Delivery is at least once: a crash after the peer's CA and before the row is marked sends it again,
 with the same bytes and MSH-10, which the peer can recognise.
@@ -162,7 +162,7 @@ class Deliverer:
                 return 0
         with engine.begin() as conn:
             q = select(outbound.c.id, outbound.c.channel, outbound.c.control_id, outbound.c.payload,
-                       outbound.c.attempts, outbound.c.created_at, outbound.c.destination
+                       outbound.c.attempts, outbound.c.due_at, outbound.c.destination
                        ).where(due).order_by(outbound.c.id).limit(BATCH)
             if conn.dialect.name == "postgresql":
                 # one listener claims at a time (SQLite: BEGIN IMMEDIATE), so a claim always sees the
@@ -243,8 +243,8 @@ class Deliverer:
             if code:
                 error = f"the peer answered {answer}"
                 peer.close()
-            created = r.created_at if r.created_at.tzinfo else r.created_at.replace(tzinfo=UTC)
-            if now - created >= timedelta(seconds=peer.cfg.give_up_after):
+            due = r.due_at if r.due_at.tzinfo else r.due_at.replace(tzinfo=UTC)
+            if now - due >= timedelta(seconds=peer.cfg.give_up_after):
                 out.append(_Result(peer.channel, r.id, "expired", attempts, now, dest, last_error=error,
                                    outcome="expired"))
                 log.error("application ACK not delivered; giving up", channel=peer.channel,

@@ -49,9 +49,9 @@ def list_acks(engine: Engine, f: AckFilter) -> list[dict[str, Any]]:
 
 def resend(engine: Engine, ids: list[int], *, status: str | None = None, channel: str | None = None,
            dry_run: bool = False) -> list[int]:
-    """Make application ACKs due again (status pending, next attempt now): the ``ids`` given (any
-    status), or every one with ``status`` (expired or refused), optionally of one ``channel``.
-    Returns the ids, oldest first."""
+    """Make application ACKs due again (status pending, next attempt now, ``give_up_after``
+    counted from now): the ``ids`` given (any status), or every one with ``status`` (expired or
+    refused), optionally of one ``channel``. Returns the ids, oldest first."""
     o = outbound
     q = select(o.c.id)
     if ids:
@@ -68,6 +68,6 @@ def resend(engine: Engine, ids: list[int], *, status: str | None = None, channel
             missing = sorted(set(ids) - set(found))
             raise ValueError(f"no application ACK with id {', '.join(map(str, missing))}")
         if found and not dry_run:
-            conn.execute(update(o).where(o.c.id.in_(found)).values(status="pending",
-                                                                   next_attempt_at=datetime.now(UTC)))
+            now = datetime.now(UTC)
+            conn.execute(update(o).where(o.c.id.in_(found)).values(status="pending", due_at=now, next_attempt_at=now))
     return found

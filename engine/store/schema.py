@@ -169,6 +169,7 @@ outbound = Table(
     Column("status", String(16), nullable=False, default="pending"),
     Column("attempts", Integer, nullable=False, default=0),
     Column("created_at", UTCDateTime, nullable=False),
+    Column("due_at", UTCDateTime, nullable=False),  # since when it is owed: created_at, or a resend
     Column("next_attempt_at", UTCDateTime, nullable=False),
     Column("sent_at", UTCDateTime),
     Column("answer", String(300)),  # the peer's MSA-1 and text
