@@ -1,12 +1,11 @@
 """Deliver the application ACKs in ``outbound`` to the senders' listeners (enhanced mode).
 
 Runs in the listener process (``hl7engine run`` / ``listen``), in a thread of its own. Every
-``interval`` it looks for rows that are due; when there are some it claims them (PostgreSQL:
-an advisory lock for the claim, ``FOR UPDATE SKIP LOCKED`` and a lease, so several listener hosts
-never send the same row at once)
-and sends them over MLLP, oldest first per channel (none while an older one of the channel waits for
-its retry or is claimed by another listener), on a connection kept open between rounds. Each
-application ACK asks for a commit ACK (MSH-15 AL) and waits for it:
+``interval`` it looks for rows that are due; when there are some it claims them (PostgreSQL: an
+advisory lock for the claim, ``FOR UPDATE SKIP LOCKED`` and a lease, so several listener hosts never
+send the same row at once) and sends them over MLLP, oldest first per channel (none while an older
+one of the channel waits for its retry or is claimed by another listener), on a connection kept
+open between rounds. Each application ACK asks for a commit ACK (MSH-15 AL) and waits for it:
 
 - CA (or AA) with our MSH-10 in MSA-2: ``sent``;
 - CR (or AR): ``refused``, not sent again (the peer will never take it: see its MSA-3/ERR);
