@@ -23,6 +23,7 @@ class Peer:
         self.delay = delay  # seconds before each answer
         self.tls = tls  # CA, CE, CR, "" (answer nothing), "wrong" (MSA-2 of another message)
         self.received: list[bytes] = []
+        self.conns: list[socket.socket] = []
         self.sock = socket.create_server(("127.0.0.1", port))
         self.port = self.sock.getsockname()[1]
         self.closed = threading.Event()
@@ -37,6 +38,7 @@ class Peer:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
+        self.conns.append(conn)
         if self.tls is not None:
             try:
                 conn = self.tls.wrap_socket(conn, server_side=True)
@@ -74,5 +76,11 @@ class Peer:
         return list(self.received)
 
     def close(self) -> None:
+        """Stop listening and drop every connection (as a sender's listener that goes away)."""
         self.closed.set()
-        self.sock.close()
+        for s in [self.sock, *self.conns]:
+            try:
+                s.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in accept() or recv()
+            except OSError:
+                pass
+            s.close()

@@ -420,3 +420,42 @@ def test_a_slow_peer_never_outlasts_the_lease(db_url: str, engine: Engine, monke
     finally:
         d.close()
         peer.close()
+
+
+def test_without_commit_acks_written_is_delivered(db_url: str, engine: Engine) -> None:
+    """For senders whose listener never answers an ACK: MSH-15 NE in the application ACK, marked sent
+    once written; a connection the sender closed is noticed and opened again."""
+    cfg = channel(commit_ack=False)
+    built = AppAcks([("lab", cfg)]).build("lab", message(), "processed", None, None)
+    assert built is not None and fields(built[1], "MSH")[14:16] == ["NE", "NE"]
+
+    peer = Peer(answer="")  # reads, never answers
+    clock = Clock()
+    d = Deliverer(db_url, [("lab", channel(f"127.0.0.1:{peer.port}", commit_ack=False))], now=clock)
+    try:
+        add(engine, 2)
+        assert d.run_once() == 2
+        assert [(r.status, r.answer) for r in state(engine)] == [("sent", "written (no commit ACK asked)")] * 2
+        assert len(peer.wait(2, timeout=10)) == 2
+        # the sender drops the connection: the next one is sent on a new connection, not lost in a dead one
+        peer.close()
+        peer2 = Peer(peer.port, answer="")
+        try:
+            import time
+
+            time.sleep(0.2)
+            add(engine, 1)
+            clock.at = datetime.now(UTC)
+            d.run_once()
+            for _ in range(20):
+                if state(engine)[-1].status == "sent":
+                    break
+                clock.at = state(engine)[-1].next_attempt_at
+                d.run_once()
+            assert (state(engine)[-1].status, state(engine)[-1].attempts) == ("sent", 2)  # the dead one noticed
+            assert len(peer2.wait(1, timeout=10)) == 1
+        finally:
+            peer2.close()
+    finally:
+        d.close()
+        peer.close()

@@ -154,6 +154,9 @@ class ApplicationAcksConfig(Strict):
                                      "ACK (CA) to each application ACK")
     give_up_after: Duration = Field(default=86400.0, gt=0, description="stop retrying an application ACK not "
                                     "delivered this long after it was due (status expired)")
+    commit_ack: bool = Field(default=True, description="ask for and wait for the sender's commit ACK (CA) to each "
+                             "application ACK; false for senders that never answer an ACK: one then counts as "
+                             "delivered once written to the connection (MSH-15 NE)")
 
     @field_validator("to")
     @classmethod

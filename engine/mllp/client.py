@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import select
 import socket
 import ssl
 from dataclasses import dataclass
@@ -118,6 +119,16 @@ class MLLPClient:
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.close()
+
+    def write(self, payload: bytes) -> None:
+        """Send one frame and read nothing (for a peer that answers nothing). A connection the peer
+        has closed is noticed first (it reads as the end of the stream) and raises ConnectionError."""
+        readable, _, _ = select.select([self.sock], [], [], 0)
+        if readable:
+            self.sock.settimeout(self.timeout)
+            if not self.sock.recv(65536):
+                raise ConnectionError("the server closed the connection")
+        self.sock.sendall(frame(payload))
 
     def send(self, payload: bytes, timeout: float | None = None) -> bytes | None:
         """Send one frame; return the answer, or None if none came within ``timeout``."""

@@ -22,7 +22,10 @@ from engine.hl7.header import read_header
 
 KIND = "app_ack"
 CODES = {"processed": "AA", "filtered": "AA", "error": "AE", "held": "AE"}
-ACK_TYPES = ("AL", "NE")  # MSH-15/16 of our application ACK: a commit ACK back, no application ACK of an ACK
+# MSH-15/16 of our application ACK: a commit ACK back (unless the channel's sender never gives one),
+# never an application ACK of an ACK
+ACK_TYPES = ("AL", "NE")
+NO_COMMIT_ACK = ("NE", "NE")
 
 
 @dataclass(slots=True)
@@ -30,6 +33,7 @@ class _Channel:
     destination: str
     codec: str
     builder: AckBuilder
+    ack_types: tuple[str, str]
 
 
 class AppAcks:
@@ -44,7 +48,8 @@ class AppAcks:
                 continue
             builder = AckBuilder(application=cfg.ack.application, facility=cfg.ack.facility,
                                  clock=Clock(ZoneInfo(cfg.timezone)), control_ids=ids)
-            self.channels[name] = _Channel(to.to, python_codec(cfg.charset), builder)
+            self.channels[name] = _Channel(to.to, python_codec(cfg.charset), builder,
+                                           ACK_TYPES if to.commit_ack else NO_COMMIT_ACK)
 
     def __bool__(self) -> bool:
         return bool(self.channels)
@@ -67,7 +72,7 @@ class AppAcks:
         if not application_ack_due(header.application_ack_type, code):
             return None
         errors = [processing_error(step or status, reason or status)] if code != "AA" else []
-        text = ch.builder.build_text(header, code, errors, ack_types=ACK_TYPES)
+        text = ch.builder.build_text(header, code, errors, ack_types=ch.ack_types)
         return code, text.encode(header.codec, ECHO)
 
     def rows(self, outcomes: Iterable[tuple[Any, str, str | None, str | None]], now: datetime) -> list[dict[str, Any]]:

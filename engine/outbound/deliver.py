@@ -211,8 +211,10 @@ class Deliverer:
             answer = ""
             code = ""
             try:
-                reply = peer.connect().send(bytes(r.payload), timeout=peer.cfg.answer_timeout)
-                if reply is None:
+                if not peer.cfg.commit_ack:  # a sender that never answers an ACK: written is delivered
+                    peer.connect().write(bytes(r.payload))
+                    code, answer = "CA", "written (no commit ACK asked)"
+                elif (reply := peer.connect().send(bytes(r.payload), timeout=peer.cfg.answer_timeout)) is None:
                     error = f"no answer within {peer.cfg.answer_timeout:g}s"
                 else:
                     acks = read_acks(reply)
