@@ -459,3 +459,49 @@ def test_without_commit_acks_written_is_delivered(db_url: str, engine: Engine) -
     finally:
         d.close()
         peer.close()
+
+
+def test_every_corpus_message_gets_a_well_formed_application_ack(corpus: list[Any]) -> None:
+    """Every message of ../shared/corpus that the listener accepts, as if it arrived on an enhanced
+    channel asking for application ACKs: its AA and AE read back with python-hl7 (an independent
+    parser) in the sender's character set, answer its MSH-10, swap sender and receiver, and echo
+    MSH-11, MSH-12 and MSH-18."""
+    from engine.hl7.header import read_header
+    from engine.mllp.client import split_messages
+    from tests.support import msh_field, parse, python_codec, read_ack
+
+    acks = AppAcks([("lab", channel())])
+    checked = 0
+    for f in corpus:
+        if f.malformed:
+            continue
+        for piece in split_messages(f.data()):
+            if piece.lstrip(b"\xef\xbb\xbf\r\n ").startswith((b"FHS", b"BHS")):
+                continue
+            header = read_header(piece, "cp1251")
+            if header.problems:
+                continue
+            # as if the sender asked for both ACKs: MSH-15 and MSH-16 AL
+            d = header.delimiters.field.encode()
+            msh_end = min((i for i in (piece.find(b"\r"), piece.find(b"\n")) if i >= 0), default=len(piece))
+            parts = piece[:msh_end].split(d)
+            parts += [b""] * max(0, 16 - len(parts))  # parts[n] is MSH-(n+1)
+            parts[14], parts[15] = b"AL", b"AL"
+            raw = d.join(parts) + piece[msh_end:]
+            original = parse(raw, python_codec(raw, "cp1251"))
+            for status, code in (("processed", "AA"), ("error", "AE")):
+                built = acks.build("lab", raw, status, "map", "observations[0].value: OBX-5 is not a number")
+                assert built is not None and built[0] == code, f.name
+                codec = python_codec(built[1], "cp1251")
+                ack = read_ack(built[1], codec)
+                assert (ack.code, ack.control_id) == (code, msh_field(original, 10)), f.name
+                # when the sender left MSH-5/6 empty: the channel's ack.application and ack.facility
+                ours = [msh_field(original, 5) or "CENTRAL", msh_field(original, 6) or "MOH"]
+                assert ack.msh[3:7] == [*ours, msh_field(original, 3), msh_field(original, 4)], f.name
+                assert ack.msh[11] == msh_field(original, 11) or (not msh_field(original, 11) and ack.msh[11] == "P")
+                assert ack.msh[12] == msh_field(original, 12), f.name
+                assert ack.msh[15:17] == ["AL", "NE"], f.name
+                assert ack.msh[18] == msh_field(original, 18), f.name
+                assert (ack.err_codes == ["207"]) if code == "AE" else not ack.err_codes, f.name
+                checked += 1
+    assert checked >= 300, checked  # 2 per message; the corpus has ~170 accepted ones
