@@ -424,7 +424,7 @@ def test_a_slow_peer_never_outlasts_the_lease(db_url: str, engine: Engine, monke
 
 def test_without_commit_acks_written_is_delivered(db_url: str, engine: Engine) -> None:
     """For senders whose listener never answers an ACK: MSH-15 NE in the application ACK, marked sent
-    once written; a connection the sender closed is noticed and opened again."""
+    once written; a connection the sender closed is noticed before writing and opened again."""
     cfg = channel(commit_ack=False)
     built = AppAcks([("lab", cfg)]).build("lab", message(), "processed", None, None)
     assert built is not None and fields(built[1], "MSH")[14:16] == ["NE", "NE"]
@@ -452,7 +452,7 @@ def test_without_commit_acks_written_is_delivered(db_url: str, engine: Engine) -
                     break
                 clock.at = state(engine)[-1].next_attempt_at
                 d.run_once()
-            assert (state(engine)[-1].status, state(engine)[-1].attempts) == ("sent", 2)  # the dead one noticed
+            assert (state(engine)[-1].status, state(engine)[-1].attempts) == ("sent", 1)  # the dead one noticed
             assert len(peer2.wait(1, timeout=10)) == 1
         finally:
             peer2.close()
@@ -505,3 +505,26 @@ def test_every_corpus_message_gets_a_well_formed_application_ack(corpus: list[An
                 assert (ack.err_codes == ["207"]) if code == "AE" else not ack.err_codes, f.name
                 checked += 1
     assert checked >= 300, checked  # 2 per message; the corpus has ~170 accepted ones
+
+
+def test_a_connection_the_sender_dropped_is_opened_again_before_sending(db_url: str, engine: Engine) -> None:
+    """A sender's listener that closes idle connections costs no failed attempt: the next
+    application ACK goes out on a new connection at once."""
+    peer = Peer()
+    clock = Clock()
+    d = deliverer(db_url, peer.port, clock)
+    try:
+        add(engine, 1)
+        assert d.run_once() == 1
+        for conn in list(peer.conns):  # the sender drops the idle connection
+            conn.shutdown(__import__("socket").SHUT_RDWR)
+        import time
+
+        time.sleep(0.2)
+        add(engine, 1, created=clock.at)
+        assert d.run_once() == 1
+        assert [(r.status, r.attempts) for r in state(engine)] == [("sent", 1), ("sent", 1)]
+        assert len(peer.received) == 2
+    finally:
+        d.close()
+        peer.close()

@@ -120,14 +120,31 @@ class MLLPClient:
         with contextlib.suppress(OSError):
             self.sock.close()
 
-    def write(self, payload: bytes) -> None:
-        """Send one frame and read nothing (for a peer that answers nothing). A connection the peer
-        has closed is noticed first (it reads as the end of the stream) and raises ConnectionError."""
-        readable, _, _ = select.select([self.sock], [], [], 0)
-        if readable:
+    def alive(self) -> bool:
+        """False when the peer has closed the connection (an idle connection a server dropped).
+        Reads only what is already there: a frame that came unasked is kept for ``receive``."""
+        try:
+            readable, _, _ = select.select([self.sock], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        if not readable:
+            return True
+        self.sock.settimeout(0)
+        try:
+            data = self.sock.recv(65536)
+        except (BlockingIOError, ssl.SSLWantReadError):
+            return True
+        except OSError:
+            return False
+        finally:
             self.sock.settimeout(self.timeout)
-            if not self.sock.recv(65536):
-                raise ConnectionError("the server closed the connection")
+        if not data:
+            return False
+        self._ready.extend(ev.payload for ev in self._decoder.feed(data) if isinstance(ev, Frame))
+        return True
+
+    def write(self, payload: bytes) -> None:
+        """Send one frame and read nothing (for a peer that answers nothing)."""
         self.sock.sendall(frame(payload))
 
     def send(self, payload: bytes, timeout: float | None = None) -> bytes | None:

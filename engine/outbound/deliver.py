@@ -52,6 +52,8 @@ class _Peer:
     used: float = 0.0
 
     def connect(self) -> MLLPClient:
+        if self.client is not None and not self.client.alive():  # the sender dropped an idle connection
+            self.close()
         if self.client is None:
             server_name = self.cfg.tls.server_name if self.cfg.tls is not None else None
             self.client = MLLPClient(self.cfg.host, self.cfg.port, timeout=self.cfg.connect_timeout, tls=self.tls,
