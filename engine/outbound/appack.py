@@ -54,17 +54,18 @@ class AppAcks:
     def __bool__(self) -> bool:
         return bool(self.channels)
 
-    def build(self, channel: str, raw: bytes, status: str, step: str | None,
-              reason: str | None) -> tuple[str, bytes] | None:
+    def build(self, channel: str, raw: bytes, status: str, step: str | None, reason: str | None,
+              codec: str | None = None) -> tuple[str, bytes] | None:
         """The application ACK owed for a message of ``channel`` whose processing ended in ``status``
         (MSA-1 and bytes), or None: the channel sends none, the outcome is not final, the message
-        was sent in original mode (MSH-15 and MSH-16 empty) or its MSH-16 does not ask for this one."""
+        was sent in original mode (MSH-15 and MSH-16 empty) or its MSH-16 does not ask for this one.
+        ``codec``: the one the message was read with at receipt (stored with it), else the channel's."""
         ch = self.channels.get(channel)
         code = CODES.get(status)
         if ch is None or code is None:
             return None
         try:
-            header = read_header(raw, ch.codec)
+            header = read_header(raw, codec or ch.codec)
         except HL7Error:  # pragma: no cover - the message was accepted, so its MSH was read once already
             return None
         if not header.accept_ack_type and not header.application_ack_type:
@@ -77,10 +78,10 @@ class AppAcks:
 
     def rows(self, outcomes: Iterable[tuple[Any, str, str | None, str | None]], now: datetime) -> list[dict[str, Any]]:
         """``outbound`` rows for ``(message row, status, step, reason)`` outcomes; the message row
-        needs ``id``, ``channel`` and ``raw``."""
+        needs ``id``, ``channel`` and ``raw`` (and ``charset``, the codec used at receipt, if known)."""
         out: list[dict[str, Any]] = []
         for row, status, step, reason in outcomes:
-            built = self.build(row.channel, row.raw, status, step, reason)
+            built = self.build(row.channel, row.raw, status, step, reason, getattr(row, "charset", None))
             if built is None:
                 continue
             code, payload = built
