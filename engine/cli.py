@@ -6,6 +6,7 @@ import json
 import ssl
 import sys
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
@@ -343,6 +344,29 @@ def _store_engine(config: Path) -> Any:
     return db.make_engine(url, pool_size=1)
 
 
+SINCE_HELP = "received at or after: a time ago (30m, 2h, 1d) or a time (2026-12-06T08:00, UTC unless it has an offset)"
+UNTIL_HELP = "received before: a time ago (30m, 2h, 1d) or a time (2026-12-06T09:00, UTC unless it has an offset)"
+
+
+def _when(option: str, text: str | None) -> datetime | None:
+    """A moment given as a time ago (``2h``) or an ISO time (naive: UTC); ValueError naming the option."""
+    if text is None:
+        return None
+    from engine.config.models import parse_duration
+
+    now = datetime.now(UTC)
+    try:
+        return now - timedelta(seconds=parse_duration(text))
+    except ValueError:
+        pass
+    try:
+        at = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(f"{option}: expected a time ago such as 2h or a time such as 2026-12-06T08:00, "
+                         f"got {text!r}") from None
+    return at.replace(tzinfo=UTC) if at.tzinfo is None else at
+
+
 def _listed(rows: list[dict[str, Any]], as_json: bool, none: str) -> bool:
     """Print ``rows`` as JSON lines (``as_json``), or ``none`` when there are none; False: print a table."""
     if as_json:
@@ -383,6 +407,8 @@ def messages(
              "(SPM-2); value or value^namespace")] = None,
     step: Annotated[str | None, typer.Option(
         help="the step that failed: receive, store, enqueue, parse, validate, route, map, record, order")] = None,
+    since: Annotated[str | None, typer.Option(help=SINCE_HELP)] = None,
+    until: Annotated[str | None, typer.Option(help=UNTIL_HELP)] = None,
     limit: Annotated[int, typer.Option(help="most recent N")] = 100,
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines")] = False,
     config: ConfigDir = Path("."),
@@ -395,8 +421,9 @@ def messages(
     from engine.store.query import MessageFilter, list_messages
 
     try:
-        rows = _read_store(config, lambda engine: list_messages(engine, MessageFilter(
-            status, channel, control_id, patient=patient, order=order, step=step, limit=limit)))
+        wanted = MessageFilter(status, channel, control_id, patient=patient, order=order, step=step, limit=limit,
+                               since=_when("--since", since), until=_when("--until", until))
+        rows = _read_store(config, lambda engine: list_messages(engine, wanted))
     except ValueError as exc:
         _fail(str(exc), 2)
     if _listed(rows, as_json, "no messages"):
@@ -490,6 +517,8 @@ def messages_replay(
     step: Annotated[str | None, typer.Option(help="only those that failed at this step, e.g. map")] = None,
     patient: Annotated[str | None, typer.Option(help="only those of this patient identifier")] = None,
     order: Annotated[str | None, typer.Option(help="only those of this order number")] = None,
+    since: Annotated[str | None, typer.Option(help=SINCE_HELP)] = None,
+    until: Annotated[str | None, typer.Option(help=UNTIL_HELP)] = None,
     every: Annotated[bool, typer.Option("--all", help="every failed message (needed when no other option "
                                                       "narrows them)")] = False,
     limit: Annotated[int, typer.Option(help="at most N messages, oldest first")] = 10_000,
@@ -500,16 +529,21 @@ def messages_replay(
     Without an ID: every message that failed in processing and matches the options, oldest first
     (after fixing a mapping: --step map --channel lab)."""
     if message_id is not None:
-        if channel or step or patient or order or every:
+        if channel or step or patient or order or since or until or every:
             _fail("give a message ID or options that select messages, not both", 2)
         _release(config, message_id, skip=False)
         return
-    if not (channel or step or patient or order or every):
-        _fail("which messages? give a message ID, or --channel, --step, --patient, --order, or --all", 2)
+    if not (channel or step or patient or order or since or until or every):
+        _fail("which messages? give a message ID, or --channel, --step, --patient, --order, --since, --until, "
+              "or --all", 2)
     from engine.store.query import MessageFilter, replayable_ids
     from engine.worker.replay import Requeue, release
 
-    wanted = MessageFilter(channel=channel, step=step, patient=patient, order=order, limit=limit)
+    try:
+        wanted = MessageFilter(channel=channel, step=step, patient=patient, order=order, limit=limit,
+                               since=_when("--since", since), until=_when("--until", until))
+    except ValueError as exc:
+        _fail(str(exc), 2)
     ids = _read_store(config, lambda engine: replayable_ids(engine, wanted))
     if dry_run or not ids:
         verb = "would replay" if dry_run else "replayed"
