@@ -391,3 +391,19 @@ def test_processed_mode_needs_a_watcher() -> None:
     rt = ChannelRuntime.build("unit", ChannelConfig.model_validate({"ack": {"after": "processed"}}))
     with pytest.raises(ValueError, match="processing watcher"):
         Receiver(rt, Sink(), ChannelEvents("unit"))
+
+
+def test_a_sender_asking_for_application_acks_that_are_not_configured_is_logged_once() -> None:
+    from structlog.testing import capture_logs
+
+    r, _ = make({"ack": {"mode": "enhanced"}})
+    with capture_logs() as logs:
+        for i, extra in enumerate(["|||AL|NE", "|||AL|AL", "|||AL|ER"]):
+            r.frame(msg(f"C{i}", extra), "127.0.0.1:1", True, pending())
+    warned = [e for e in logs if "application ACKs" in e["event"]]
+    assert len(warned) == 1 and warned[0]["control_id"] == "C1" and warned[0]["msh16"] == "AL"
+    assert "DOE" not in str(warned)
+    configured, _ = make({"ack": {"mode": "enhanced", "application_acks": {"to": "lis:6661"}}})
+    with capture_logs() as logs:
+        configured.frame(msg("C9", "|||AL|AL"), "127.0.0.1:1", True, pending())
+    assert not [e for e in logs if "application ACKs" in e["event"]]

@@ -99,6 +99,8 @@ class Receiver:
         self.events = events
         self.watcher = watcher
         self.after_processed = rt.config.ack.after == "processed"
+        # enhanced mode without ack.application_acks: say once that a sender asks for what is not sent
+        self._unanswered_app_acks = rt.enhanced and rt.config.ack.application_acks is None
         if self.after_processed and watcher is None:
             raise ValueError(f"channel {rt.name}: ack.after processed needs a processing watcher")
 
@@ -170,6 +172,11 @@ class Receiver:
             header=header, status="queued", ack_code=code, batch_uid=batch_uid,
         )
         item.ack = self.rt.acks.build(header, code)
+        if self._unanswered_app_acks and header.application_ack_type in ("AL", "ER", "SU"):
+            self._unanswered_app_acks = False
+            self.events.log.warning("the sender asks for application ACKs (MSH-16), which this channel does not "
+                                    "send: set ack.application_acks to its listener, or it may wait for them",
+                                    control_id=header.control_id, msh16=header.application_ack_type)
         return item
 
     def _refuse(self, raw: bytes, peer: str, pending: Pending, errors: list[HL7Error], header: Header | None,
