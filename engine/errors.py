@@ -61,3 +61,10 @@ class UnavailableError(EngineError):
 
 class UsageError(EngineError):
     """A command was called wrongly (bad address, missing file); the message says how to fix it."""
+
+
+def short_reason(exc: BaseException) -> str:
+    """An exception's first line (a driver's own, for a SQLAlchemy error: SQLAlchemy's text goes on
+    with the statement and its parameters, which may hold patient data), at most 300 characters."""
+    text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]

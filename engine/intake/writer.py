@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from sqlalchemy import Connection, Dialect, Engine, bindparam, func, select, update
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
-from engine.errors import UnavailableError
+from engine.errors import UnavailableError, short_reason
 from engine.intake.item import MESSAGE_COLUMNS, Item, Record
 from engine.observe import get_logger
 from engine.store.bulk import in_list, insert_rows, time_adapter
@@ -252,7 +252,7 @@ class BatchWriter:
         else:
             if not isinstance(exc, (DBAPIError, SQLAlchemyError, OSError)):
                 log.exception("store write failed unexpectedly")
-            reason, service = _short(exc), "store"
+            reason, service = short_reason(exc), "store"
         try:
             if txn.trans is not None and txn.trans.is_active:
                 txn.trans.rollback()
@@ -364,7 +364,3 @@ class BatchWriter:
             if r.status == "duplicate":
                 r.status = "queued"
 
-
-def _short(exc: BaseException) -> str:
-    text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:300]

@@ -31,6 +31,7 @@ from typing import Any
 from sqlalchemy import Engine, bindparam, select, text, update
 
 from engine.config.models import ApplicationAcksConfig, ChannelConfig
+from engine.errors import short_reason
 from engine.mllp.client import MLLPClient, client_tls_context, read_acks
 from engine.observe import APPLICATION_ACKS, get_logger
 from engine.store import db
@@ -128,10 +129,7 @@ class Deliverer:
             except Exception as exc:  # e.g. the store unreachable: keep trying, say so once
                 busy = 0
                 if not self._failing:
-                    # the driver's first line only: SQLAlchemy's text would carry the statement's parameters
-                    first = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-                    log.error("application ACK delivery failed; retrying", error=(first[0] if first else
-                                                                                 type(exc).__name__)[:300])
+                    log.error("application ACK delivery failed; retrying", error=short_reason(exc))
                     self._failing = True
                 self._stop.wait(min(5.0, self.interval * 10))
             self._close_idle()

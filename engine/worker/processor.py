@@ -23,7 +23,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, bindparam, delete, insert, select, update
 from sqlalchemy.exc import DBAPIError
 
-from engine.errors import EngineError, HL7Error
+from engine.errors import EngineError, HL7Error, short_reason
 from engine.hl7.charsets import decode
 from engine.hl7.message import Message
 from engine.observe import get_logger
@@ -120,7 +120,7 @@ class Processor:
         except DBAPIError as exc:
             if self.reporter is not None:
                 self.reporter.retry()
-            raise RetryLater(_short(exc)) from exc
+            raise RetryLater(short_reason(exc)) from exc
         except RetryLater:
             if self.reporter is not None:
                 self.reporter.retry()
@@ -193,7 +193,7 @@ class Processor:
                 if exc.connection_invalidated or _transient(exc):
                     raise
                 savepoint.rollback()  # e.g. a constraint the record refused: this message only
-                outcomes[r.index] = self._mark_failed(conn, r.uid, batch, PermanentError("record", _short(exc)))
+                outcomes[r.index] = self._mark_failed(conn, r.uid, batch, PermanentError("record", short_reason(exc)))
         for i in wave:
             after = items[i][1]
             if after is not None:
@@ -503,7 +503,3 @@ def _transient(exc: DBAPIError) -> bool:
 def _aware(at: datetime) -> datetime:
     return at.replace(tzinfo=UTC) if at.tzinfo is None else at
 
-
-def _short(exc: BaseException) -> str:
-    text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:300]
