@@ -54,7 +54,8 @@ class Engine:
             server = MLLPServer(rt, Receiver(rt, self.store, events, self.watcher), events)
             await server.start()
             self.servers.append(server)
-        deliverer = Deliverer(url, [(ch.name, ch.config) for ch in channels])
+        # application ACKs of these channels, and messages forwarded to routes' mllp and file destinations
+        deliverer = Deliverer(url, [(ch.name, ch.config) for ch in channels], self.project.routes.forwards().values())
         if deliverer:
             self.deliverer = deliverer
             deliverer.start()

@@ -24,6 +24,9 @@ app.add_typer(record_app, name="record")
 acks_app = typer.Typer(help="Application ACKs (enhanced mode) owed to senders: list them, send them again.",
                        invoke_without_command=True)
 app.add_typer(acks_app, name="app-acks")
+outbound_app = typer.Typer(help="Messages forwarded to route destinations (mllp, file) and application ACKs: "
+                           "list them, deliver them again.", invoke_without_command=True)
+app.add_typer(outbound_app, name="outbound")
 token_app = typer.Typer(help="Bearer tokens for the HTTP API (who may read the record).", no_args_is_help=True)
 app.add_typer(token_app, name="token")
 
@@ -263,8 +266,10 @@ def check(config: ConfigDir = Path(".")) -> None:
     enabled = sum(1 for c in project.channels if c.config.enabled)
     ports = ", ".join(f"{c.name}:{c.config.listen.port}" for c in project.channels if c.config.enabled)
     mappings = len(project.mappings.names) if project.mappings is not None else 0
+    forwards = len(project.routes.forwards())
     typer.echo(f"ok: {len(project.channels)} channel(s), {enabled} enabled ({ports or 'none'}); "
-               f"{len(project.routes.routes)} route(s), default {project.routes.default}; {mappings} mapping(s)")
+               f"{len(project.routes.routes)} route(s), default {project.routes.default}"
+               + (f", {forwards} forward destination(s)" if forwards else "") + f"; {mappings} mapping(s)")
 
 
 @app.command()
@@ -465,11 +470,12 @@ def messages_show(
     acked = row["acked_at"].isoformat(timespec="milliseconds") if row.get("acked_at") else None
     history = [{"at": info["received_at"], "status": "received", "step": "receive",
                 "detail": f"answered {row['ack_code']}" + (f" at {acked}" if acked else "") if row["ack_code"]
-                else None}, *row["events"], *(_app_ack_event(a) for a in row["application_acks"])]
+                else None}, *row["events"], *(_outbound_event(a) for a in row["application_acks"]),
+               *(_outbound_event(f) for f in row["forwards"])]
     history.sort(key=lambda e: e["at"])
     if as_json:
-        typer.echo(json.dumps({**info, "history": history, "application_acks": row["application_acks"], "raw": raw,
-                               "ack": ack}, ensure_ascii=False))
+        typer.echo(json.dumps({**info, "history": history, "application_acks": row["application_acks"],
+                               "forwards": row["forwards"], "raw": raw, "ack": ack}, ensure_ascii=False))
         return
     for k, v in info.items():
         if v is not None:
@@ -484,9 +490,13 @@ def messages_show(
         typer.echo("\n".join(s for s in ack.split("\r") if s))
 
 
-def _app_ack_event(a: dict[str, Any]) -> dict[str, Any]:
-    """An application ACK (enhanced mode) as a line of the message's history."""
-    where = f"{a['code']} {a['control_id']} to {a['destination']}"
+def _outbound_event(a: dict[str, Any]) -> dict[str, Any]:
+    """An application ACK (enhanced mode), or a forward to a route destination, as a line of the
+    message's history."""
+    if a["kind"] == "app_ack":
+        where = f"{a['code']} {a['control_id']} to {a['destination']}"
+    else:
+        where = f"to {a['destination_name']} ({a['kind']} {a['destination']})"
     if a["status"] == "sent":
         detail = f"{where}: sent at {a['sent_at']}, answered {a['answer']}"
     elif a["status"] == "pending":
@@ -494,7 +504,8 @@ def _app_ack_event(a: dict[str, Any]) -> dict[str, Any]:
         detail = f"{where}: pending, next attempt {a['next_attempt_at']}{tried}"
     else:
         detail = f"{where}: {a['status']} after {a['attempts']} attempt(s): {a['last_error']}"
-    return {"at": a["created_at"], "status": "app_ack", "step": "deliver", "detail": detail}
+    return {"at": a["created_at"], "status": "app_ack" if a["kind"] == "app_ack" else "forward", "step": "deliver",
+            "detail": detail}
 
 
 @messages_app.command("reindex")
@@ -647,13 +658,13 @@ def app_acks(
     if ctx.invoked_subcommand is not None:
         ctx.obj = config
         return
-    from engine.outbound.query import AckFilter, list_acks
+    from engine.outbound.query import OutboundFilter, list_outbound
 
     try:
-        wanted = AckFilter(status, channel, message, limit)
+        wanted = OutboundFilter(status, channel, message, limit, kinds=("app_ack",))
     except ValueError as exc:
         _fail(str(exc), 2)
-    rows = _read_store(config, lambda engine: list_acks(engine, wanted))
+    rows = _read_store(config, lambda engine: list_outbound(engine, wanted))
     if _listed(rows, as_json, "no application ACKs"):
         return
     typer.echo(f"{'ID':>7}  {'MESSAGE':>8}  {'CHANNEL':<12} {'ACK':<3} {'CONTROL ID':<20} {'STATUS':<8} {'TRIES':>5}  "
@@ -685,6 +696,66 @@ def app_acks_resend(
         _fail(str(exc), 2)
     verb = "would send again" if dry_run else "will send again"
     typer.echo(f"{verb} {len(found)} application ACK(s)" + (f" (ids {found[0]}..{found[-1]})" if found else ""))
+
+
+@outbound_app.callback()
+def outbound_list(
+    ctx: typer.Context,
+    destination: Annotated[str | None, typer.Option(help="a route destination's name (routes.yaml)")] = None,
+    kind: Annotated[list[str] | None, typer.Option(help="mllp, file or app_ack (repeatable; default: all)")] = None,
+    status: Annotated[str | None, typer.Option(help="pending, sent, refused or expired")] = None,
+    channel: Annotated[str | None, typer.Option(help="the message's channel")] = None,
+    message: Annotated[int | None, typer.Option(help="the message's id")] = None,
+    limit: Annotated[int, typer.Option(help="most recent N")] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON lines")] = False,
+    config: ConfigDir = Path("."),
+) -> None:
+    """List what the engine delivers to other systems, newest first: messages forwarded to route
+    destinations and application ACKs; where each goes and whether it got there."""
+    if ctx.invoked_subcommand is not None:
+        ctx.obj = config
+        return
+    from engine.outbound.query import KINDS, OutboundFilter, list_outbound
+
+    try:
+        wanted = OutboundFilter(status, channel, message, limit, tuple(kind) if kind else KINDS, destination)
+    except ValueError as exc:
+        _fail(str(exc), 2)
+    rows = _read_store(config, lambda engine: list_outbound(engine, wanted))
+    if _listed(rows, as_json, "nothing outbound"):
+        return
+    typer.echo(f"{'ID':>7}  {'MESSAGE':>8}  {'KIND':<7} {'TO':<16} {'CONTROL ID':<20} {'STATUS':<8} {'TRIES':>5}  "
+               "WHERE / LAST ERROR")
+    for r in rows:
+        to = r.get("destination_name") or f"{r['channel']} sender"
+        note = r["last_error"] if r["status"] != "sent" and r["last_error"] else r["destination"]
+        typer.echo(f"{r['id']:>7}  {r['message_id']:>8}  {r['kind']:<7} {to[:16]:<16} {r['control_id'][:20]:<20} "
+                   f"{r['status']:<8} {r['attempts']:>5}  {note}")
+
+
+@outbound_app.command("resend")
+def outbound_resend(
+    ctx: typer.Context,
+    ids: Annotated[list[int] | None, typer.Argument(help="ids from hl7engine outbound")] = None,
+    status: Annotated[str | None, typer.Option(help="instead of ids: every one that is expired, or refused")] = None,
+    destination: Annotated[str | None, typer.Option(help="only this route destination's")] = None,
+    channel: Annotated[str | None, typer.Option(help="only messages of this channel")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="only list them")] = False,
+    config: Annotated[Path | None, typer.Option("--config", "-c", file_okay=False, resolve_path=True)] = None,
+) -> None:
+    """Deliver forwarded messages (and application ACKs) again, at once: for example after a
+    downstream system was down for longer than give_up_after (--status expired). The listener
+    process delivers them, in order per destination."""
+    from engine.outbound.query import KINDS, resend
+
+    cfg = config or (ctx.obj if isinstance(ctx.obj, Path) else Path(".").resolve())
+    try:
+        found = _read_store(cfg, lambda engine: resend(engine, ids or [], status=status, channel=channel, kinds=KINDS,
+                                                       destination=destination, dry_run=dry_run))
+    except ValueError as exc:
+        _fail(str(exc), 2)
+    verb = "would deliver again" if dry_run else "will deliver again"
+    typer.echo(f"{verb} {len(found)} outbound message(s)" + (f" (ids {found[0]}..{found[-1]})" if found else ""))
 
 
 @token_app.command("new")

@@ -78,6 +78,8 @@ STORE_COMMIT = Histogram("hl7engine_store_commit_seconds", "Time of one store tr
                          buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1, 5))
 APPLICATION_ACKS = Counter("hl7engine_application_acks_total", "Application ACK delivery attempts (enhanced "
                            "mode) by outcome: sent, refused, retry, expired", ["channel", "outcome"])
+FORWARDS = Counter("hl7engine_forwarded_total", "Deliveries of messages to route destinations (mllp, file) by "
+                   "outcome: sent, refused, retry, expired", ["destination", "outcome"])
 STORE_FAILURES = Counter("hl7engine_store_failures_total", "Store transactions that failed", ["service"])
 
 _configured = False

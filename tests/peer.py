@@ -7,13 +7,29 @@ import socket
 import ssl
 import threading
 import time
+from pathlib import Path
 
 from engine.mllp.framing import Frame, FrameDecoder, frame
 
 
 def control_id(payload: bytes) -> str:
-    msh = payload.split(b"\r", 1)[0].decode("latin-1")
-    return msh.split(msh[3])[9]
+    """MSH-10 (segments may end in CR, LF or CRLF, and a UTF-8 byte-order mark may come first, as
+    senders send them)."""
+    msh = payload.removeprefix(b"\xef\xbb\xbf").replace(b"\n", b"\r").split(b"\r", 1)[0].decode("latin-1")
+    fields = msh.split(msh[3]) if len(msh) > 3 else []
+    return fields[9] if len(fields) > 9 else ""
+
+
+def tls_server(directory: Path) -> tuple[ssl.SSLContext, Path]:
+    """A server-side TLS context with a new self-signed certificate for localhost, and that
+    certificate's file (the CA a client must trust)."""
+    from tests.test_config import self_signed
+
+    cert, key = directory / "peer.crt", directory / "peer.key"
+    self_signed(cert, key)  # CN=localhost
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(str(cert), str(key))
+    return server, cert
 
 
 class Peer:

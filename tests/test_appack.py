@@ -19,7 +19,7 @@ from engine.outbound.appack import AppAcks, control_id
 from engine.outbound.deliver import Deliverer
 from engine.store.schema import outbound
 from tests.conftest import free_port
-from tests.peer import Peer
+from tests.peer import Peer, tls_server
 
 
 def channel(to: str = "127.0.0.1:6661", **ack: Any) -> ChannelConfig:
@@ -281,14 +281,7 @@ def test_rows_of_channels_not_configured_here_are_left_alone(db_url: str, engine
 
 
 def test_delivered_over_tls_verifying_the_peer(db_url: str, engine: Engine, tmp_path: Path) -> None:
-    import ssl
-
-    from tests.test_config import self_signed
-
-    cert, key = tmp_path / "peer.crt", tmp_path / "peer.key"
-    self_signed(cert, key)  # CN=localhost
-    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server.load_cert_chain(str(cert), str(key))
+    server, cert = tls_server(tmp_path)
     peer = Peer(tls=server)
     clock = Clock()
     trusting = deliverer(db_url, peer.port, clock, tls={"ca_file": str(cert), "server_name": "localhost"})

@@ -90,29 +90,55 @@ def plain(node: Any) -> Any:
 
 
 def _model_at(model: type[BaseModel], loc: tuple[int | str, ...]) -> type[BaseModel] | None:
-    """The model class that owns the mapping at ``loc`` (for listing allowed keys)."""
+    """The model class that owns the mapping at ``loc`` (for listing allowed keys). ``loc`` is
+    pydantic's, with the tag of a tagged union (``destinations.0.mllp.to``) where one was chosen."""
     current: Any = model
     for key in loc:
         if isinstance(key, int):
             continue
-        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+        members = _models(current)
+        tagged = [m for m in members if _tag(m) == key]
+        if len(members) > 1 and tagged:
+            current = tagged[0]
+            continue
+        if not members:
             return None
-        field = current.model_fields.get(key)
+        field = members[0].model_fields.get(key)
         if field is None:
             return None
-        current = _unwrap(field.annotation)
-    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+        current = field.annotation
+    found = _models(current)
+    return found[0] if len(found) == 1 else None
 
 
-def _unwrap(annotation: Any) -> Any:
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType, list, dict, typing.Annotated):
-        for arg in typing.get_args(annotation):
-            found = _unwrap(arg)
-            if isinstance(found, type) and issubclass(found, BaseModel):
-                return found
-        return None
-    return annotation
+def _models(annotation: Any) -> list[type[BaseModel]]:
+    """The model classes an annotation holds (through Optional, list, dict, Annotated, unions)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType, list, dict, typing.Annotated):
+        return [m for arg in typing.get_args(annotation) for m in _models(arg)]
+    return []
+
+
+def _tag(model: type[BaseModel]) -> object:
+    field = model.model_fields.get("type")
+    args = typing.get_args(field.annotation) if field is not None else ()
+    return args[0] if len(args) == 1 else None
+
+
+def _yaml_loc(root: Any, loc: tuple[int | str, ...]) -> tuple[int | str, ...]:
+    """``loc`` without the tag pydantic adds for a tagged union's member (``type: mllp`` -> "mllp")."""
+    out: list[int | str] = []
+    node = root
+    for key in loc:
+        if isinstance(node, CommentedMap) and isinstance(key, str) and key not in node and node.get("type") == key:
+            continue
+        out.append(key)
+        try:
+            node = node[key] if isinstance(node, (CommentedMap, CommentedSeq)) else None
+        except (KeyError, IndexError, TypeError):
+            node = None
+    return tuple(out)
 
 
 def _words(err: dict[str, Any], model: type[BaseModel]) -> str:
@@ -122,6 +148,11 @@ def _words(err: dict[str, Any], model: type[BaseModel]) -> str:
     if kind == "literal_error":
         options = re.findall(r"'([^']*)'", str(ctx.get("expected", "")))
         return f"expected one of {', '.join(options)}, got {got!r}"
+    if kind == "union_tag_invalid":
+        options = re.findall(r"'([^']*)'", str(ctx.get("expected_tags", "")))
+        return f"unknown type {ctx.get('tag')!r}; expected one of {', '.join(options)}"
+    if kind == "union_tag_not_found":
+        return f"needs a {str(ctx.get('discriminator', 'type')).strip(chr(39))!r} key"
     if kind == "extra_forbidden":
         owner = _model_at(model, tuple(err["loc"][:-1]))
         allowed = ", ".join(owner.model_fields) if owner else ""
@@ -175,6 +206,8 @@ def validate(model: type[M], root: Any, shown: str) -> tuple[M | None, list[Prob
             loc = tuple(err["loc"])
             # pydantic appends the type tried for union/tagged members; keep the YAML path only
             loc = tuple(p for p in loc if isinstance(p, int) or not str(p).startswith(("function-", "lax-")))
+            err["loc"] = loc  # with a tagged union's tag, for the allowed keys of the member chosen
+            loc = _yaml_loc(root, loc)
             line, col = key_position(root, loc) if err["type"] == "extra_forbidden" else position(root, loc)
             problems.append(Problem(shown, line, col, dotted(loc), _words(dict(err), model)))
         return None, problems

@@ -144,19 +144,17 @@ class ClientTLSConfig(Strict):
         return self
 
 
-class ApplicationAcksConfig(Strict):
-    """Enhanced mode: where and how to deliver application ACKs once workers have processed a message."""
+class MLLPPeerConfig(Strict):
+    """An MLLP listener the engine connects to: a sender's (application ACKs) or a downstream system's
+    (a route's ``mllp`` destination)."""
 
-    to: str = Field(description="the sender's own MLLP listener, host:port")
+    to: str = Field(description="the peer's MLLP listener, host:port")
     tls: ClientTLSConfig | None = None
     connect_timeout: Duration = Field(default=5.0, gt=0)
-    answer_timeout: Duration = Field(default=10.0, gt=0, description="how long to wait for the peer's commit "
-                                     "ACK (CA) to each application ACK")
-    give_up_after: Duration = Field(default=86400.0, gt=0, description="stop retrying an application ACK not "
-                                    "delivered this long after it was due (status expired)")
-    commit_ack: bool = Field(default=True, description="ask for and wait for the sender's commit ACK (CA) to each "
-                             "application ACK; false for senders that never answer an ACK: one then counts as "
-                             "delivered once written to the connection (MSH-15 NE)")
+    answer_timeout: Duration = Field(default=10.0, gt=0, description="how long to wait for the peer's ACK to "
+                                     "each message sent")
+    give_up_after: Duration = Field(default=86400.0, gt=0, description="stop retrying a message not delivered "
+                                    "this long after it was due (status expired)")
 
     @field_validator("to")
     @classmethod
@@ -173,6 +171,23 @@ class ApplicationAcksConfig(Strict):
     @property
     def port(self) -> int:
         return int(self.to.rpartition(":")[2])
+
+    @property
+    def waits_for_ack(self) -> bool:
+        return True
+
+
+class ApplicationAcksConfig(MLLPPeerConfig):
+    """Enhanced mode: where and how to deliver application ACKs once workers have processed a message."""
+
+    to: str = Field(description="the sender's own MLLP listener, host:port")
+    commit_ack: bool = Field(default=True, description="ask for and wait for the sender's commit ACK (CA) to each "
+                             "application ACK; false for senders that never answer an ACK: one then counts as "
+                             "delivered once written to the connection (MSH-15 NE)")
+
+    @property
+    def waits_for_ack(self) -> bool:
+        return self.commit_ack
 
 
 class AckConfig(Strict):

@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.config.loader import load_model, position
-from engine.config.models import ChannelConfig
-from engine.config.routes import RoutesConfig, routes_file
+from engine.config.loader import dotted, load_model, position
+from engine.config.models import ChannelConfig, ClientTLSConfig
+from engine.config.routes import FileDestination, MLLPDestination, RecordDestination, RoutesConfig, routes_file
 from engine.errors import ConfigError, Problem
 
 
@@ -91,13 +91,18 @@ CLIENT_TLS_FILES = ("ca_file", "cert_file", "key_file")
 
 
 def _missing(root: Path, ch: LoadedChannel, where: tuple[str, ...], tls: Any, keys: tuple[str, ...]) -> list[Problem]:
+    return _missing_files(root, ch.file, ch.yaml, where, tls, keys)
+
+
+def _missing_files(root: Path, file: str, yaml: Any, where: tuple[str | int, ...], tls: Any,
+                   keys: tuple[str, ...]) -> list[Problem]:
     problems = []
     for key in keys:
         path = getattr(tls, key)
         if path is not None and not path.is_file():
-            line, col = position(ch.yaml, (*where, key))
+            line, col = position(yaml, (*where, key))
             written = path.relative_to(root) if path.is_relative_to(root) else path  # as in the YAML
-            problems.append(Problem(ch.file, line, col, ".".join((*where, key)), f"file {str(written)!r} not found"))
+            problems.append(Problem(file, line, col, dotted((*where, key)), f"file {str(written)!r} not found"))
     return problems
 
 
@@ -127,30 +132,26 @@ def _cross_check(root: Path, channels: list[LoadedChannel]) -> list[Problem]:
         out = ch.config.ack.application_acks
         if out is not None and out.tls is not None:
             missing = _missing(root, ch, ("ack", "application_acks", "tls"), out.tls, CLIENT_TLS_FILES)
-            problems += missing or _client_tls_loads(ch)
+            problems += missing or _client_tls_loads(ch.file, ch.yaml, ("ack", "application_acks", "tls"), out.tls)
     return problems
 
 
-def _client_tls_loads(ch: LoadedChannel) -> list[Problem]:
-    """The TLS files for application ACKs must load, not only exist."""
-    out = ch.config.ack.application_acks
-    assert out is not None and out.tls is not None
-    tls = out.tls
+def _client_tls_loads(file: str, yaml: Any, where: tuple[str | int, ...], tls: ClientTLSConfig) -> list[Problem]:
+    """The TLS files for connecting out (application ACKs, mllp destinations) must load, not only exist."""
     ctx = ssl.create_default_context()
-    where = ("ack", "application_acks", "tls")
     if tls.ca_file is not None:
         try:
             ctx.load_verify_locations(str(tls.ca_file))
         except (ssl.SSLError, OSError) as exc:
-            line, col = position(ch.yaml, (*where, "ca_file"))
-            return [Problem(ch.file, line, col, "ack.application_acks.tls.ca_file",
+            line, col = position(yaml, (*where, "ca_file"))
+            return [Problem(file, line, col, dotted((*where, "ca_file")),
                             f"cannot load CA certificates {str(tls.ca_file)!r}: {exc}")]
     if tls.cert_file is not None:
         try:
             ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
         except (ssl.SSLError, OSError) as exc:
-            line, col = position(ch.yaml, (*where, "cert_file"))
-            return [Problem(ch.file, line, col, "ack.application_acks.tls.cert_file",
+            line, col = position(yaml, (*where, "cert_file"))
+            return [Problem(file, line, col, dotted((*where, "cert_file")),
                             f"cannot load certificate {str(tls.cert_file)!r} with key {str(tls.key_file)!r}: {exc}")]
     return []
 
@@ -196,8 +197,9 @@ def load_project(root: Path) -> Project:
         routes, yaml, found = load_model(RoutesConfig, path, shown)
         problems += found
         if routes is not None:
-            project.routes = routes
+            project.routes = _absolute_paths(routes, root)
             problems += _check_routes(routes, yaml, shown, {c.name for c in channels}, mapping_names)
+            problems += _check_destinations(project.routes, yaml, shown, root)
     if problems:
         raise ConfigError(problems)
     return project
@@ -215,6 +217,8 @@ def _check_routes(routes: RoutesConfig, yaml: Any, shown: str, channels: set[str
                 problems.append(Problem(shown, line, col, f"routes[{i}].match.channel",
                                         f"no channel named {name!r} in channels/ (known: "
                                         f"{', '.join(sorted(channels)) or 'none'})"))
+        if r.mapping is None:
+            continue
         if mappings is not None and r.mapping not in mappings:
             line, col = position(yaml, ("routes", i, "mapping"))
             problems.append(Problem(shown, line, col, f"routes[{i}].mapping",
@@ -224,4 +228,52 @@ def _check_routes(routes: RoutesConfig, yaml: Any, shown: str, channels: set[str
             line, col = position(yaml, ("routes", i, "mapping"))
             problems.append(Problem(shown, line, col, f"routes[{i}].mapping",
                                     f"mapping {r.mapping!r} named but there is no mappings/ directory"))
+    return problems
+
+
+def _absolute_paths(routes: RoutesConfig, root: Path) -> RoutesConfig:
+    """A destination's directory and TLS files are relative to the configuration directory."""
+    def fixed(path: Path | None) -> Path | None:
+        return path if path is None or path.is_absolute() else root / path
+
+    new_routes = []
+    for r in routes.routes:
+        dests: list[Any] = []
+        for d in r.destinations:
+            if isinstance(d, FileDestination):
+                dests.append(d.model_copy(update={"directory": fixed(d.directory)}))
+            elif isinstance(d, MLLPDestination) and d.tls is not None:
+                tls = d.tls.model_copy(update={k: fixed(getattr(d.tls, k)) for k in CLIENT_TLS_FILES})
+                dests.append(d.model_copy(update={"tls": tls}))
+            else:
+                dests.append(d)
+        new_routes.append(r.model_copy(update={"destinations": dests}))
+    return routes.model_copy(update={"routes": new_routes})
+
+
+def _check_destinations(routes: RoutesConfig, yaml: Any, shown: str, root: Path) -> list[Problem]:
+    """Routes that name the same destination define it the same way (one ordered stream); an mllp
+    destination's TLS files exist and load; a file destination's directory is not a file."""
+    problems: list[Problem] = []
+    seen: dict[str, tuple[int, Any]] = {}
+    for i, r in enumerate(routes.routes):
+        for j, d in enumerate(r.destinations):
+            if isinstance(d, RecordDestination):
+                continue
+            where: tuple[str | int, ...] = ("routes", i, "destinations", j)
+            first = seen.setdefault(d.name, (i, d))
+            if first[0] != i and first[1] != d:
+                line, col = position(yaml, (*where, "name"))
+                problems.append(Problem(shown, line, col, dotted((*where, "name")),
+                                        f"destination {d.name!r} is defined differently in routes[{first[0]}] "
+                                        f"({routes.routes[first[0]].name}); routes that share a destination "
+                                        "must define it the same way, or give this one another name"))
+            if isinstance(d, MLLPDestination) and d.tls is not None:
+                missing = _missing_files(root, shown, yaml, (*where, "tls"), d.tls, CLIENT_TLS_FILES)
+                problems += missing or _client_tls_loads(shown, yaml, (*where, "tls"), d.tls)
+            if isinstance(d, FileDestination) and d.directory.exists() and not d.directory.is_dir():
+                line, col = position(yaml, (*where, "directory"))
+                written = d.directory.relative_to(root) if d.directory.is_relative_to(root) else d.directory
+                problems.append(Problem(shown, line, col, dotted((*where, "directory")),
+                                        f"{str(written)!r} is a file, not a directory"))
     return problems

@@ -85,7 +85,7 @@ class AppAcks:
             if built is None:
                 continue
             code, payload = built
-            out.append({"message_id": row.id, "kind": KIND, "channel": row.channel,
+            out.append({"message_id": row.id, "kind": KIND, "channel": row.channel, "target": row.channel,
                         "destination": self.channels[row.channel].destination, "control_id": control_id(payload),
                         "code": code, "payload": payload, "status": "pending", "attempts": 0, "created_at": now,
                         "due_at": now, "next_attempt_at": now})

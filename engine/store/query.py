@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, Select, func, select
 
-from engine.outbound.query import AckFilter, list_acks
+from engine.outbound.query import FORWARD_KINDS, OutboundFilter, list_outbound
 from engine.store.keys import keys_for, parse_query
 from engine.store.schema import STATUSES, message_events, message_keys, messages
 
@@ -143,5 +143,6 @@ def get_message(engine: Engine, message_id: int) -> dict[str, Any] | None:
                                         .where(message_events.c.message_id == message_id)
                                         .order_by(message_events.c.id))]
         found = {**row._mapping, "keys": keys_for(conn, [message_id]).get(message_id, []), "events": events}
-    app_acks = list_acks(engine, AckFilter(message_id=message_id, limit=1000))
-    return {**found, "application_acks": app_acks[::-1]}
+    app_acks = list_outbound(engine, OutboundFilter(message_id=message_id, limit=1000, kinds=("app_ack",)))
+    forwards = list_outbound(engine, OutboundFilter(message_id=message_id, limit=1000, kinds=FORWARD_KINDS))
+    return {**found, "application_acks": app_acks[::-1], "forwards": forwards[::-1]}

@@ -152,19 +152,23 @@ message_events = Table(
 Index("ix_message_events_message_id", message_events.c.message_id)
 
 # Messages this engine owes to other systems, written in the transaction that decides them and
-# delivered afterwards (at least once, in id order per destination): today the application ACKs of
-# enhanced-mode channels (kind app_ack), sent to the sender's own listener.
+# delivered afterwards (at least once, in id order per stream): the application ACKs of enhanced-mode
+# channels (kind app_ack), sent to the sender's own listener, and messages forwarded to a route's
+# mllp or file destinations (kind mllp, file).
 OUTBOUND_STATUSES = ("pending", "sent", "refused", "expired")
 outbound = Table(
     "outbound",
     metadata,
     Column("id", Id, primary_key=True, autoincrement=True),
     Column("message_id", Id, nullable=False),  # the message it answers (no foreign key, as message_keys)
-    Column("kind", String(16), nullable=False),
-    Column("channel", String(64), nullable=False),
-    Column("destination", String(300), nullable=False),  # host:port
-    Column("control_id", String(64), nullable=False),  # our MSH-10: the same bytes on every attempt
-    Column("code", String(2), nullable=False),  # MSA-1 we send: AA, AE, AR
+    Column("kind", String(16), nullable=False),  # app_ack, or a route destination's type: mllp, file
+    Column("channel", String(64), nullable=False),  # the message's channel
+    # the ordered stream: rows of one (kind, target) are delivered in id order. app_ack: the channel;
+    # mllp, file: the destination's name in routes.yaml
+    Column("target", String(64), nullable=False, server_default=""),
+    Column("destination", String(300), nullable=False),  # host:port; file: the file name in its directory
+    Column("control_id", String(64), nullable=False),  # MSH-10 sent (app_ack: ours, the same on every attempt)
+    Column("code", String(2), nullable=False),  # app_ack: MSA-1 we send (AA, AE); forwards: empty
     Column("payload", LargeBinary, nullable=False),
     Column("status", String(16), nullable=False, default="pending"),
     Column("attempts", Integer, nullable=False, default=0),

@@ -21,6 +21,7 @@ from engine.config.routes import RoutesConfig, routes_file
 from engine.errors import ConfigError, Problem
 from engine.observe import configure_logging, get_logger, tune_gc
 from engine.outbound.appack import AppAcks
+from engine.outbound.forward import Forwards
 from engine.settings import Settings
 from engine.store import db
 from engine.worker.metrics import WORKERS, Reporter
@@ -77,6 +78,8 @@ def build_processor(root: Path, settings: Settings) -> Processor:
     processor = Processor(engine, Router(routes), map_message, apply_facts, timezones, validated, apply_many, reader)
     appacks = AppAcks((ch.name, ch.config) for ch in project.channels)
     processor.appacks = appacks if appacks else None
+    forwards = Forwards(routes)
+    processor.forwards = forwards if forwards else None
     return processor
 
 

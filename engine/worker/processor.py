@@ -23,11 +23,13 @@ from typing import Any
 from sqlalchemy import Connection, Engine, bindparam, delete, insert, select, update
 from sqlalchemy.exc import DBAPIError
 
+from engine.config.routes import Route
 from engine.errors import EngineError, HL7Error, short_reason
 from engine.hl7.charsets import decode
 from engine.hl7.message import Message
 from engine.observe import get_logger
 from engine.outbound.appack import AppAcks
+from engine.outbound.forward import Forwards
 from engine.store.keys import Key, search_keys, write_keys
 from engine.store.schema import message_events, messages, outbound, parked_patients
 from engine.worker.metrics import Reporter
@@ -83,6 +85,7 @@ class Processor:
         self.apply_facts = apply_facts
         self.timezones = timezones  # channel -> timezone
         self.appacks: AppAcks | None = None  # enhanced-mode channels that send application ACKs
+        self.forwards: Forwards | None = None  # routes with mllp or file destinations
 
     def process(self, uid: str, *, after: Callable[[Connection], None] | None = None) -> Outcome:
         """Process the message ``uid``; ``after(conn)`` runs in the same transaction before the commit
@@ -114,8 +117,7 @@ class Processor:
                 for wave in self._waves(items, batch):
                     self._run_wave(conn, items, wave, batch, outcomes)
                 self._write_marks(conn, batch.marks)
-                if self.appacks:
-                    self._write_appacks(conn, batch)
+                self._write_outbound(conn, batch)
                 write_keys(conn, batch.search)
         except DBAPIError as exc:
             if self.reporter is not None:
@@ -169,6 +171,10 @@ class Processor:
             if isinstance(prepared, Outcome):
                 batch.keep(done)
                 outcomes[i] = prepared
+            elif not prepared.routed.route.record:  # forwarded only: nothing to write to the record
+                prepared.done = done
+                self._finish(conn, prepared, batch)
+                outcomes[i] = Outcome("processed")
             else:
                 prepared.index, prepared.done = i, done
                 ready.append(prepared)
@@ -204,7 +210,7 @@ class Processor:
         assert self.apply_wave is not None
         savepoint = conn.begin_nested()
         try:
-            counts = self.apply_wave(conn, [(r.mapped, r.uid, r.row.received_at) for r in ready])
+            counts = self.apply_wave(conn, [(r.routed.facts, r.uid, r.row.received_at) for r in ready])
             savepoint.commit()
             return counts
         except RetryLater:
@@ -221,7 +227,7 @@ class Processor:
 
     def _write_one(self, conn: Connection, r: _Ready) -> int:
         try:
-            return self.apply_facts(conn, r.mapped, r.uid, r.row.received_at)
+            return self.apply_facts(conn, r.routed.facts, r.uid, r.row.received_at)
         except (DBAPIError, RetryLater):
             raise
         except EngineError as exc:
@@ -229,13 +235,16 @@ class Processor:
         except Exception as exc:  # a bug meeting this message: rolled back to its savepoint, it fails alone
             raise internal_error("record", exc) from None
 
-    @staticmethod
-    def _finish(conn: Connection, r: _Ready, batch: _Batch) -> None:
-        """Mark a written message processed; a replayed message that had parked its patient releases it."""
+    def _finish(self, conn: Connection, r: _Ready, batch: _Batch) -> None:
+        """Mark a written message processed, with its forwards to the route's mllp and file
+        destinations; a replayed message that had parked its patient releases it."""
         if r.key is not None and r.key in batch.parked:
             conn.execute(delete(parked_patients).where(parked_patients.c.patient_key == r.key))
             r.done.released = r.key
-        r.done.mark(r.row.id, r.uid, "processed", "", None, datetime.now(UTC))
+        now = datetime.now(UTC)
+        r.done.mark(r.row.id, r.uid, "processed", "", None, now)
+        if self.forwards:
+            r.done.outbound = self.forwards.rows(r.routed.route.name, r.row, now)
         batch.keep(r.done)
 
     @staticmethod
@@ -339,11 +348,13 @@ class Processor:
         if result is FILTERED:
             done.mark(row.id, uid, "filtered", "route", "no route matched", now)
             return Outcome("filtered", "route", "no route matched")
+        assert isinstance(result, Routed)
         return _Ready(uid, row, result, key)
 
-    def _route_and_map(self, row: Any, msg: Message) -> Any:
+    def _route_and_map(self, row: Any, msg: Message) -> Routed | object:
         """Validate (when the channel asks), route and map a message: no database access. Returns the
-        mapped facts or FILTERED; a permanent failure raises PermanentError."""
+        route with the mapped facts (none for a route that only forwards) or FILTERED; a permanent
+        failure raises PermanentError."""
         if row.channel in self.validated:
             try:
                 validate(decode(row.raw, row.charset or "utf-8"))
@@ -356,12 +367,14 @@ class Processor:
                 return FILTERED
             raise PermanentError("route", f"no route matches {row.message_type}^{row.trigger_event} "
                                           f"from channel {row.channel!r}")
+        if route.mapping is None:  # forwarded as received, not mapped
+            return Routed(route, None)
         label = f"{row.message_type}^{row.trigger_event}" if row.trigger_event else (row.message_type or "")
         context = {"channel": row.channel, "timezone": self.timezones.get(row.channel, "UTC"),
                    "control_id": row.control_id or "", "sending_facility": row.sending_facility or "",
                    "message_type": label}
         try:
-            return self.map_message(route.mapping, msg, context)
+            return Routed(route, self.map_message(route.mapping, msg, context))
         except RetryLater:
             raise
         except EngineError as exc:
@@ -383,12 +396,14 @@ class Processor:
             batch.keep(done)
         return Outcome("error", exc.step, exc.reason)
 
-    def _write_appacks(self, conn: Connection, batch: _Batch) -> None:
-        """The application ACKs owed for the batch's outcomes, committed with them (engine.outbound)."""
-        assert self.appacks is not None
-        last = {m["b_uid"]: m for m in batch.marks}  # a message's final status in this batch
-        rows = self.appacks.rows(((batch.rows[uid], m["b_status"], m["b_step"], m["b_error"])
-                                  for uid, m in last.items() if uid in batch.rows), datetime.now(UTC))
+    def _write_outbound(self, conn: Connection, batch: _Batch) -> None:
+        """What the batch's outcomes owe other systems, committed with them (engine.outbound): the
+        forwards of processed messages, and the application ACKs."""
+        rows = batch.outbound
+        if self.appacks:
+            last = {m["b_uid"]: m for m in batch.marks}  # a message's final status in this batch
+            rows = rows + self.appacks.rows(((batch.rows[uid], m["b_status"], m["b_step"], m["b_error"])
+                                             for uid, m in last.items() if uid in batch.rows), datetime.now(UTC))
         if rows:
             conn.execute(insert(outbound), rows)
 
@@ -416,6 +431,7 @@ class _Done:
     """What one message did that the batch keeps once its savepoint is released."""
 
     marks: list[dict[str, Any]] = field(default_factory=list)
+    outbound: list[dict[str, Any]] = field(default_factory=list)  # forwards to the route's destinations
     parked: str | None = None  # patient key parked by this message
     released: str | None = None  # patient key released by this message
 
@@ -424,13 +440,21 @@ class _Done:
                            "b_error": reason, "b_at": now})
 
 
+@dataclass(slots=True)
+class Routed:
+    """A message's route, and its mapped facts (None when the route does not write the record)."""
+
+    route: Route
+    facts: Any
+
+
 @dataclass(slots=True, eq=False)
 class _Ready:
-    """A message mapped and ready for the record write."""
+    """A message mapped and ready for the record write (and its forwards)."""
 
     uid: str
     row: Any
-    mapped: Any
+    routed: Routed
     key: str | None
     index: int = 0
     done: _Done = field(default_factory=_Done)
@@ -446,9 +470,11 @@ class _Batch:
     search: dict[int, list[Key]] = field(default_factory=dict)  # message id -> search keys (message_keys)
     parked: dict[str, str] = field(default_factory=dict)  # patient key -> uid of the message that parked it
     marks: list[dict[str, Any]] = field(default_factory=list)
+    outbound: list[dict[str, Any]] = field(default_factory=list)  # forwards of the messages processed
 
     def keep(self, done: _Done) -> None:
         self.marks.extend(done.marks)
+        self.outbound.extend(done.outbound)
         for m in done.marks:
             self.status[m["b_uid"]] = m["b_status"]
         if done.released is not None:
