@@ -16,6 +16,10 @@ services on 127.0.0.1; a fresh database and queue names per run), or on the embe
     python bench/e2e.py --messages 6000 --workers 2 --rate 250   # latency below the peak
     python bench/e2e.py --messages 6000 --workers 2 --rate 250 --ack-after processed
     python bench/e2e.py --messages 6000 --workers 2 --rate 250 --application-acks
+    python bench/e2e.py --messages 6000 --workers 2 --rate 250 --forward
+
+With ``--forward`` the ORU route also forwards each processed message to an ``mllp`` destination: a
+listener this script runs (answering AA); it reports receipt -> forward received, p50/p99.
 
 With ``--application-acks`` the channel runs in enhanced mode with ``ack.application_acks`` pointing
 at a listener this script runs (it answers each application ACK with CA), the messages ask for
@@ -87,10 +91,12 @@ def wait_port(port: int, timeout: float = 60) -> None:
 
 class AckListener:
     """The sender's own listener for application ACKs: notes when each arrives (by MSA-2) and
-    answers it with CA."""
+    answers it with CA; and a downstream system for forwarded messages: notes when each arrives (by
+    MSH-10) and answers it with AA."""
 
     def __init__(self) -> None:
         self.arrived: dict[str, tuple[str, float]] = {}  # MSA-2 -> (MSA-1, epoch seconds)
+        self.forwarded: dict[str, float] = {}  # MSH-10 -> epoch seconds
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         threading.Thread(target=self._accept, daemon=True).start()
@@ -112,14 +118,17 @@ class AckListener:
                     start = buf.find(b"\x0b")
                     frame, buf = buf[start + 1:end], buf[end + 2:]
                     segs = frame.decode("latin-1").split("\r")
-                    msa = next(x for x in segs if x.startswith("MSA|")).split("|")
-                    self.arrived[msa[2]] = (msa[1], time.time())
+                    msa = next((x for x in segs if x.startswith("MSA|")), "").split("|")
                     ours = segs[0].split("|")[9]
-                    conn.sendall(b"\x0bMSH|^~\\&|LIS|CITYLAB|HL7ENGINE|CENTRAL|20261206||ACK|K1|P|2.5.1\rMSA|CA|"
-                                 + ours.encode() + b"\r\x1c\r")
+                    if len(msa) > 2:
+                        self.arrived[msa[2]] = (msa[1], time.time())
+                    else:
+                        self.forwarded[ours] = time.time()
+                    conn.sendall(b"\x0bMSH|^~\\&|LIS|CITYLAB|HL7ENGINE|CENTRAL|20261206||ACK|K1|P|2.5.1\rMSA|"
+                                 + (b"CA|" if len(msa) > 2 else b"AA|") + ours.encode() + b"\r\x1c\r")
 
 
-def config_dir(port: int, ack_after: str = "stored", app_acks_port: int = 0) -> Path:
+def config_dir(port: int, ack_after: str = "stored", app_acks_port: int = 0, forward_port: int = 0) -> Path:
     """This repository's configuration, with the channel on a free port."""
     d = Path(tempfile.mkdtemp(prefix="hl7e2e-"))
     (d / "channels").mkdir()
@@ -131,7 +140,12 @@ def config_dir(port: int, ack_after: str = "stored", app_acks_port: int = 0) -> 
         lab = lab.replace("  mode: original", "  mode: enhanced").replace(
             "\nack:\n", f"\nack:\n  application_acks:\n    to: 127.0.0.1:{app_acks_port}\n")
     (d / "channels" / "lab.yaml").write_text(lab)
-    (d / "routes.yaml").write_text((ROOT / "routes.yaml").read_text())
+    routes = (ROOT / "routes.yaml").read_text()
+    if forward_port:
+        downstream = f"{{type: mllp, name: downstream, to: '127.0.0.1:{forward_port}'}}"
+        routes = routes.replace("    destinations: [record]\n", f"    destinations: [record, {downstream}]\n", 1)
+        assert "downstream" in routes
+    (d / "routes.yaml").write_text(routes)
     os.symlink(ROOT / "mappings", d / "mappings")
     return d
 
@@ -150,16 +164,20 @@ def main() -> None:
     ap.add_argument("--application-acks", action="store_true",
                     help="enhanced mode with application ACKs to a listener run here; reports receipt -> "
                          "application ACK received")
+    ap.add_argument("--forward", action="store_true",
+                    help="the ORU route also forwards to an mllp destination run here; reports receipt -> "
+                         "forward received")
     args = ap.parse_args()
     if args.application_acks and args.ack_after != "stored":
         raise SystemExit("--application-acks needs enhanced mode, which acknowledges on receipt (ack.after stored)")
-    acks = AckListener() if args.application_acks else None
-    template = SAMPLE.replace("|P|2.5.1\r", "|P|2.5.1|||AL|AL\r", 1) if acks else SAMPLE
+    acks = AckListener() if args.application_acks or args.forward else None
+    template = SAMPLE.replace("|P|2.5.1\r", "|P|2.5.1|||AL|AL\r", 1) if args.application_acks else SAMPLE
 
     baseline = python_hl7_parse_rate(SAMPLE.format(cid="BASE1", pid="P1"))
     print(f"peer baseline: python-hl7 hl7.parse alone, same message: {baseline:,.0f} msgs/s on one core")
     port = free_port()
-    cfg = config_dir(port, args.ack_after, acks.port if acks else 0)
+    cfg = config_dir(port, args.ack_after, acks.port if args.application_acks and acks else 0,
+                     acks.port if args.forward and acks else 0)
     env = {k: v for k, v in os.environ.items() if not k.startswith("HL7ENGINE_")}
     env.update(HL7ENGINE_HTTP_PORT="0", HL7ENGINE_LOG_LEVEL="warning")
     dbname = queue = ""
@@ -210,8 +228,10 @@ def main() -> None:
               f"{obs / span:,.0f} observations/s; receipt->commit p50 {percentile(lat, 0.50):.1f} ms, "
               f"p99 {percentile(lat, 0.99):.1f} ms; statuses {statuses}; observations stored {obs:,}; "
               f"wall {time.time() - t0:.1f}s")
-        if acks is not None:
+        if acks is not None and args.application_acks:
             report_application_acks(acks, engine, len(rows))
+        if acks is not None and args.forward:
+            report_forwards(acks, engine, len(processed))
         engine.dispose()
     finally:
         for p in (listen, work):
@@ -239,6 +259,23 @@ def report_application_acks(acks: AckListener, engine: Any, expected: int) -> No
     print(f"application ACKs: {len(got)} AA of {expected} messages at the sender's listener in {span:.2f}s "
           f"= {len(got) / span:,.0f}/s; receipt->application ACK p50 {percentile(lat, 0.50):.1f} ms, "
           f"p99 {percentile(lat, 0.99):.1f} ms; other codes {len(acks.arrived) - len(got)}")
+
+
+def report_forwards(acks: AckListener, engine: Any, expected: int) -> None:
+    """Wait for every processed message to reach the downstream listener; print the rate and the
+    latency from receipt."""
+    deadline = time.time() + 300
+    while len(acks.forwarded) < expected and time.time() < deadline:
+        time.sleep(0.2)
+    with engine.connect() as conn:
+        received = {r.control_id: r.received_at.timestamp() for r in conn.execute(
+            select(messages.c.control_id, messages.c.received_at).where(messages.c.status == "processed"))}
+    got = [(cid, at) for cid, at in acks.forwarded.items() if cid in received]
+    lat = sorted((at - received[cid]) * 1000 for cid, at in got)
+    span = max(at for _, at in got) - min(received[cid] for cid, _ in got)
+    print(f"forwards: {len(got)} of {expected} processed messages at the downstream listener in {span:.2f}s "
+          f"= {len(got) / span:,.0f}/s; receipt->forward received p50 {percentile(lat, 0.50):.1f} ms, "
+          f"p99 {percentile(lat, 0.99):.1f} ms")
 
 
 if __name__ == "__main__":
