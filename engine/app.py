@@ -20,6 +20,7 @@ from engine.observe import ChannelEvents, get_logger, tune_gc
 from engine.outbound.deliver import Deliverer
 from engine.settings import Settings
 from engine.store import db
+from engine.store.retention import Pruner
 
 log = get_logger("engine.app")
 
@@ -34,6 +35,7 @@ class Engine:
     store: StoreClient | None = None
     watcher: ProcessWatcher | None = None
     deliverer: Deliverer | None = None
+    pruner: Pruner | None = None
 
     @property
     def database_url(self) -> str:
@@ -59,6 +61,9 @@ class Engine:
         if deliverer:
             self.deliverer = deliverer
             deliverer.start()
+        if self.settings.retain_messages:
+            self.pruner = Pruner(url, self.settings.retain_messages)
+            self.pruner.start()
         log.info("engine started", channels=len(self.servers), store="sqlite" if db.is_sqlite(url) else "server",
                  queue=self.store.queue_name)
 
@@ -70,6 +75,8 @@ class Engine:
             await self.watcher.close()
         if self.deliverer is not None:
             await asyncio.to_thread(self.deliverer.close)
+        if self.pruner is not None:
+            await asyncio.to_thread(self.pruner.close)
         if self.store is not None:
             if not await self.store.drain(grace):
                 log.warning("store writer still busy at stop", pending=self.store.pending)

@@ -39,9 +39,18 @@ ConfigDir = Annotated[
 
 
 def _settings() -> Any:
+    from pydantic import ValidationError
+
+    from engine.config.loader import describe
     from engine.settings import Settings
 
-    return Settings()
+    try:
+        return Settings()
+    except ValidationError as exc:
+        for err in exc.errors():
+            name = "HL7ENGINE_" + "_".join(str(p) for p in err["loc"]).upper()
+            typer.echo(f"{name}: {describe(dict(err), Settings)}", err=True)
+        raise typer.Exit(2) from None
 
 
 def _setup_logging(settings: Any) -> None:
@@ -598,6 +607,51 @@ def messages_skip(
 ) -> None:
     """Leave a failed message failed and release the messages of its patient held behind it."""
     _release(config, message_id, skip=True)
+
+
+@messages_app.command("purge")
+def messages_purge(
+    older_than: Annotated[str, typer.Option("--older-than", help="received at least this long ago "
+                                            "(e.g. 90d); default: HL7ENGINE_RETAIN_MESSAGES")] = "",
+    include_errors: Annotated[bool, typer.Option("--include-errors", help="also messages that failed in "
+                                                 "processing and park no patient (skipped, or without a patient)")
+                              ] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="only count them")] = False,
+    config: ConfigDir = Path("."),
+) -> None:
+    """Remove finished messages (processed, filtered, duplicate, refused at receipt) older than the
+    retention period from the message store, with their history, search keys and delivered outbound
+    rows. The central record is kept. `run`/`listen` do this hourly when HL7ENGINE_RETAIN_MESSAGES
+    is set."""
+    from datetime import timedelta
+
+    from engine.config.models import parse_duration
+    from engine.store import db
+    from engine.store.retention import purge
+
+    settings = _settings()
+    if not older_than and settings.retain_messages is None:
+        _fail("--older-than: give the retention period, e.g. --older-than 90d (or set HL7ENGINE_RETAIN_MESSAGES)", 2)
+    try:
+        seconds = parse_duration(older_than) if older_than else float(settings.retain_messages)
+    except ValueError as exc:
+        _fail(f"--older-than: {exc}", 2)
+    _store_engine(config).dispose()  # says so when there is no store
+    url = settings.resolved_database_url(config)
+    engine = db.make_engine(url, pool_size=1, writer=db.is_sqlite(url))
+    try:
+        done = purge(engine, timedelta(seconds=seconds), include_errors=include_errors, dry_run=dry_run)
+    finally:
+        engine.dispose()
+    statuses = ", ".join(f"{n} {s}" for s, n in sorted(done.by_status.items())) or "none"
+    cutoff = done.cutoff.isoformat(timespec="seconds") if done.cutoff else "?"
+    if dry_run:
+        typer.echo(f"would remove {done.messages} message(s) received before {cutoff} ({statuses})")
+    else:
+        typer.echo(f"removed {done.messages} message(s) received before {cutoff} ({statuses}), "
+                   f"{done.events} history line(s), {done.outbound} delivered outbound row(s)")
+    if done.kept_for_duplicates:
+        typer.echo(f"kept {done.kept_for_duplicates} old message(s) that newer duplicates point at")
 
 
 @messages_app.command("requeue")

@@ -8,12 +8,15 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from engine.config.models import Duration
+
 
 class Settings(BaseSettings):
     """Environment settings. Without a database or broker URL the embedded defaults serve:
     a SQLite message store and a SQLite-backed queue under ``<config dir>/var/``."""
 
-    model_config = SettingsConfigDict(env_prefix="HL7ENGINE_", extra="ignore")
+    # an empty variable is an unset one (docker-compose passes "${X:-}" through as "")
+    model_config = SettingsConfigDict(env_prefix="HL7ENGINE_", extra="ignore", env_ignore_empty=True)
 
     database_url: str | None = Field(
         default=None, description="SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db"
@@ -35,6 +38,9 @@ class Settings(BaseSettings):
     loop: Literal["auto", "asyncio", "uvloop"] = "auto"
     workers: int = Field(default=1, ge=0, le=64, description="worker processes started by `hl7engine run` "
                          "(0: none; `hl7engine work` takes --workers)")
+    retain_messages: Duration | None = Field(
+        default=None, description="remove finished messages from the message store once older than this, e.g. "
+        "90d (hourly, by `run`/`listen`; the central record is kept); unset: keep every message")
 
     def resolved_data_dir(self, config_dir: Path) -> Path:
         return self.data_dir if self.data_dir is not None else config_dir / "var"

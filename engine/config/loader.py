@@ -185,6 +185,11 @@ def _words(err: dict[str, Any], model: type[BaseModel]) -> str:
     return msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
 
 
+def describe(err: dict[str, Any], model: type[BaseModel]) -> str:
+    """A pydantic error of ``model`` in words that name what was wrong and what is expected."""
+    return _words(err, model)
+
+
 def dotted(loc: tuple[int | str, ...]) -> str:
     out = ""
     for part in loc:

@@ -108,6 +108,10 @@ Index("ix_messages_control_id", messages.c.control_id, messages.c.sending_facili
 Index("ix_messages_status_attention", messages.c.status, messages.c.id,
       sqlite_where=messages.c.status.notin_(["queued", "processed"]),
       postgresql_where=messages.c.status.notin_(["queued", "processed"]))
+# - duplicate_of, only on the few duplicate rows: retention keeps an original a newer duplicate points
+#   at, and PostgreSQL checks that foreign key when a message row is deleted.
+Index("ix_messages_duplicate_of", messages.c.duplicate_of,
+      sqlite_where=messages.c.duplicate_of.is_not(None), postgresql_where=messages.c.duplicate_of.is_not(None))
 
 # What operators search messages by (``hl7engine messages --patient/--order``): the patient
 # identifiers (PID-2/3/4, MRG-1) and order numbers (ORC/OBR placer and filler, SPM specimen IDs) of
