@@ -24,11 +24,12 @@ than an index on ``received_at`` (the receiving path keeps its indexes few).
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, and_, delete, or_, select, text
+from sqlalchemy import Connection, Engine, and_, delete, or_, select, text
 
 from engine.errors import short_reason
 from engine.observe import get_logger
@@ -39,7 +40,12 @@ from engine.store.schema import message_events, message_keys, messages, outbound
 log = get_logger("engine.store")
 
 FINISHED = ("processed", "filtered", "duplicate")
-BATCH = 2000
+# rows per transaction: on SQLite a batch holds the write lock the receiving path needs, so less,
+# and after each one the purge waits (YIELD times as long as the batch took, at least YIELD_MIN
+# seconds) so that the store writer, whose busy handler polls, gets the lock between batches
+BATCH = {"sqlite": 200, "postgresql": 2000}
+YIELD = 3.0
+YIELD_MIN = 0.1
 LOCK = 7413  # PostgreSQL advisory lock: one purge at a time across hosts
 
 
@@ -55,11 +61,12 @@ class Purged:
 
 
 def purge(engine: Engine, older_than: timedelta, *, include_errors: bool = False, dry_run: bool = False,
-          now: datetime | None = None, batch: int = BATCH) -> Purged:
+          now: datetime | None = None, batch: int | None = None) -> Purged:
     """Remove finished messages received more than ``older_than`` ago (see the module's text).
     ``dry_run`` counts what would go and removes nothing."""
     cutoff = (now or datetime.now(UTC)) - older_than
     out = Purged(cutoff=cutoff)
+    batch = batch or BATCH.get(engine.dialect.name, 1000)
     with engine.connect() as conn:
         # every id from here on was received after the cutoff (ids follow receipt times within seconds)
         upper = first_id_since(conn, cutoff + 2 * ID_MARGIN)
@@ -69,16 +76,36 @@ def purge(engine: Engine, older_than: timedelta, *, include_errors: bool = False
         gone = or_(gone, and_(messages.c.status == "error", messages.c.accepted, ~parks.exists()))
     # duplicates first, so that an original they point at can go in the same run
     gone_before: set[int] = set()  # a dry run's duplicates, which a real run would have removed
+    sqlite = engine.dialect.name == "sqlite"
     for which in (messages.c.status == "duplicate", and_(gone, messages.c.status != "duplicate")):
-        _purge_pass(engine, which, cutoff, upper, out, gone_before, dry_run=dry_run, batch=batch)
+        with engine.connect() as conn:
+            if sqlite:
+                # SQLite checks each deleted message against queue_entries, which has no index on
+                # message_uid (the receiving path does not pay for one): with a backlog queued that
+                # scan made each batch hold the write lock for hundreds of milliseconds. The purge
+                # removes the children itself and keeps the originals duplicates point at.
+                conn.connection.dbapi_connection.execute("PRAGMA foreign_keys=OFF")  # type: ignore[union-attr]
+            try:
+                _purge_pass(conn, which, cutoff, upper, out, gone_before, dry_run=dry_run, batch=batch,
+                            pause=sqlite and not dry_run)
+            finally:
+                if sqlite:
+                    conn.rollback()
+                    conn.connection.dbapi_connection.execute("PRAGMA foreign_keys=ON")  # type: ignore[union-attr]
     return out
 
 
-def _purge_pass(engine: Engine, which: Any, cutoff: datetime, upper: int, out: Purged, gone_before: set[int], *,
-                dry_run: bool, batch: int) -> None:
+def _purge_pass(db_conn: Connection, which: Any, cutoff: datetime, upper: int, out: Purged, gone_before: set[int],
+                *, dry_run: bool, batch: int, pause: bool) -> None:
     after = 0
+    took = 0.0
     while True:
-        with engine.begin() as conn:
+        if took and pause:
+            time.sleep(max(YIELD_MIN, YIELD * took))
+        started = time.monotonic()
+        took = 0.0
+        with db_conn.begin():
+            conn = db_conn
             if conn.dialect.name == "postgresql" and not dry_run:
                 conn.execute(text(f"SELECT pg_advisory_xact_lock({LOCK})"))
             rows = conn.execute(select(messages.c.id, messages.c.uid, messages.c.status)
@@ -112,6 +139,7 @@ def _purge_pass(engine: Engine, which: Any, cutoff: datetime, upper: int, out: P
                                                                 outbound.c.status != "pending")).rowcount
             conn.execute(delete(queue_entries).where(queue_entries.c.message_uid.in_(sorted(r.uid for r in rows))))
             conn.execute(delete(messages).where(messages.c.id.in_(id_list)))
+        took = time.monotonic() - started
 
 
 class Pruner:
