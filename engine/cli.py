@@ -638,7 +638,7 @@ def messages_purge(
         _fail(f"--older-than: {exc}", 2)
     _store_engine(config).dispose()  # says so when there is no store
     url = settings.resolved_database_url(config)
-    engine = db.make_engine(url, pool_size=1, writer=db.is_sqlite(url))
+    engine = db.make_engine(url, pool_size=1, writer=db.is_sqlite(url), repeatable=True)
     try:
         done = purge(engine, timedelta(seconds=seconds), include_errors=include_errors, dry_run=dry_run)
     finally:

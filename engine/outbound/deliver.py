@@ -290,7 +290,8 @@ class Deliverer:
     def _engines(self) -> tuple[Engine, Engine]:
         if self._engine is None:
             sqlite = db.is_sqlite(self.database_url)
-            self._engine = db.make_engine(self.database_url, pool_size=1, writer=sqlite)
+            # a mark lost to a power cut means one more delivery, which at-least-once allows
+            self._engine = db.make_engine(self.database_url, pool_size=1, writer=sqlite, repeatable=True)
             # on SQLite, the check for due rows must not take the write lock the store writer needs
             self._reader = db.make_engine(self.database_url, pool_size=1) if sqlite else self._engine
         assert self._reader is not None

@@ -168,7 +168,8 @@ class Pruner:
 
     def run_once(self) -> Purged:
         if self._engine is None:
-            self._engine = db.make_engine(self.database_url, pool_size=1, writer=db.is_sqlite(self.database_url))
+            self._engine = db.make_engine(self.database_url, pool_size=1, writer=db.is_sqlite(self.database_url),
+                                          repeatable=True)
         done = purge(self._engine, self.retain)
         if done.messages:
             log.info("retention: messages removed", messages=done.messages, outbound=done.outbound,
