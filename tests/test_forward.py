@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, insert, select
 
-from engine.config.routes import FileDestination, MLLPDestination, RoutesConfig
+from engine.config.routes import FileDestination, MLLPDestination, RoutesConfig, filename_fields
 from engine.mllp.client import MLLPClient
 from engine.outbound.deliver import Deliverer, write_file
 from engine.outbound.forward import Forwards, filename, safe
@@ -159,11 +160,30 @@ def test_file_names_hold_only_safe_characters() -> None:
               "event": "R01", "facility": "ГОРЛАБ", "received": at}
     assert filename("{channel}/{received:%Y-%m-%d}/{message_id}-{control_id}.hl7", fields) == \
         "lab/2026-12-07/42-_._.._etc_passwd.hl7"
-    assert filename("{facility}_{type}_{event}_{received}.hl7", fields) == "_______ORU_R01_20261207T083005.hl7"
+    assert filename("{facility}_{type}_{event}_{received}_{message_id}.hl7", fields) == \
+        "_______ORU_R01_20261207T083005_42.hl7"
     assert safe("..") == "_." and safe("") == "_" and safe(".hidden") == "_hidden" and len(safe("x" * 500)) == 64
     # a time with an offset is written in UTC; one without is taken as UTC
     minsk = datetime(2026, 12, 7, 11, 30, 5).astimezone(UTC).replace(tzinfo=None)
-    assert filename("{received:%H%M}", {"received": minsk}) == minsk.strftime("%H%M")
+    assert filename("{received:%H%M}-{uid}", {"received": minsk, "uid": "u"}) == minsk.strftime("%H%M") + "-u"
+
+
+def test_file_name_templates_are_checked() -> None:
+    import pytest
+
+    for template, problem in [
+        ("out.hl7", "every message would be written to the same file; include {message_id}"),
+        ("{received}.hl7", "every message would be written to the same file"),
+        ("/spool/{uid}", "expected a relative file name"), ("a/../{uid}", "expected a relative file name"),
+        ("{uid}/", "expected a relative file name"), ("a\\{uid}", "expected a relative file name"),
+        ("{patient}", "unknown field {patient}"), ("{uid!r}", "conversions are not supported"),
+        ("{uid:>9}", "only {received} takes a format"), ("{received:YYYY}-{uid}", "expected a strftime format"),
+        ("{uid", "expected '}'"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(problem)):
+            filename_fields(template)
+    assert [f for _, f, _ in filename_fields("{channel}/{received:%Y}/{message_id}.hl7") if f] == [
+        "channel", "received", "message_id"]
 
 
 def test_write_file_replaces_whole_and_leaves_no_temporary_file(tmp_path: Path) -> None:

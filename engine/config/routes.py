@@ -137,9 +137,13 @@ def filename_fields(template: str) -> list[tuple[str, str, str]]:
     sample = "".join(lit + (datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC).strftime(spec or "%Y%m%dT%H%M%S")
                             if field == "received" else ("x" if field else "")) for lit, field, spec in out)
     path = PurePosixPath(sample)
-    if "\\" in sample or path.is_absolute() or any(p in ("..", ".") for p in path.parts) or not path.name:
+    if ("\\" in sample or sample.endswith("/") or path.is_absolute() or any(p in ("..", ".") for p in path.parts)
+            or not path.name):
         raise ValueError(f"{template!r}: expected a relative file name inside the directory "
                          "(no leading /, no . or .. parts, not ending in /)")
+    if not {"message_id", "uid", "control_id"} & {field for _, field, _ in out}:
+        raise ValueError(f"{template!r}: every message would be written to the same file; include {{message_id}} "
+                         "(or {uid}, {control_id})")
     return out
 
 
