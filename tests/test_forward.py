@@ -192,6 +192,8 @@ def test_write_file_replaces_whole_and_leaves_no_temporary_file(tmp_path: Path) 
     write_file(target, b"MSH|second\r")
     assert target.read_bytes() == b"MSH|second\r"
     assert sorted(p.name for p in target.parent.iterdir()) == ["m.hl7"]
+    assert target.stat().st_mode & 0o077 & ~0o040 == 0  # patient data: no one but owner and group
+    assert target.parent.stat().st_mode & 0o007 == 0
 
 
 def test_forward_rows_are_written_per_destination() -> None:

@@ -189,14 +189,18 @@ class _Files(_Target):
                             control_id=row.control_id, **kw)
 
 
+FILE_MODE = 0o640
+
+
 def write_file(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a reader sees the whole file or none, and it survives a
     power cut once this returns: a temporary name in the same directory, fsync, rename, fsync of
     the directory. An existing file of that name (a replay, or a retry after a crash) is replaced."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
-        with open(tmp, "wb") as f:
+        # patient data: readable by the owner and its group only (the umask may take more away)
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE), "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
