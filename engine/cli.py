@@ -282,6 +282,39 @@ def check(config: ConfigDir = Path(".")) -> None:
 
 
 @app.command()
+def diff(
+    old: Annotated[Path, typer.Argument(file_okay=False, resolve_path=True, help="the configuration in use "
+                                        "(e.g. a checkout of the deployed version)")],
+    new: Annotated[Path, typer.Argument(file_okay=False, resolve_path=True, help="the changed configuration "
+                                        "(default: --config)")] = Path("."),
+    config: ConfigDir = Path("."),
+) -> None:
+    """Show what a configuration change does, one line per key (channels by name with their effective
+    settings, routes by name and their order, mappings and tables by file); exit 0 when there is
+    no difference, 1 when there are some, 2 when either directory has problems (listed as check
+    lists them)."""
+    from engine.config.diff import diff_projects
+    from engine.config.project import load_project
+
+    target = new if new != Path(".").resolve() else config
+    projects = []
+    for root in (old, target):
+        try:
+            projects.append(load_project(root))
+        except ConfigError as exc:
+            for p in exc.problems:
+                typer.echo(str(p), err=True)
+            typer.echo(f"{root}: {len(exc.problems)} problem(s); fix them first (hl7engine check --config {root})",
+                       err=True)
+            raise typer.Exit(2) from None
+    found = diff_projects(projects[0], projects[1])
+    for change in found:
+        typer.echo(str(change))
+    typer.echo(f"{len(found)} difference(s)" if found else "no differences", err=True)
+    raise typer.Exit(1 if found else 0)
+
+
+@app.command()
 def send(
     address: Annotated[str, typer.Argument(help="HOST:PORT of an MLLP listener")],
     files: Annotated[list[Path], typer.Argument(help="files holding one or many messages", exists=True,
