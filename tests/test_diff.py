@@ -45,6 +45,8 @@ def test_every_kind_of_change_is_one_line(tmp_path: Path) -> None:
     edit(b / "routes.yaml", "default: filter", "default: error")
     edit(b / "mappings" / "tables" / "units.yaml", "  mg/dl: mg/dL\n", "  mg/dl: mg/dL\n  mkmol/l: umol/L\n")
     edit(b / "mappings" / "oru_r01.yaml", "birth_date: PID-7", "birth_date: PID-7.1")
+    fixture = next((b / "mappings" / "tests").rglob("*.hl7"))
+    fixture.write_bytes(fixture.read_bytes() + b"NTE|1||changed\r")
     code, lines, err = diff(a, b)
     assert code == 1 and err == f"{len(lines)} difference(s)\n", (lines, err)
     assert lines == [
@@ -56,6 +58,7 @@ def test_every_kind_of_change_is_one_line(tmp_path: Path) -> None:
         "routes.yaml: default: 'filter' -> 'error'",
         "mappings/oru_r01.yaml: rules[patient].fields.birth_date: 'PID-7' -> 'PID-7.1'",
         "mappings/tables/units.yaml: values.mkmol/l: added 'umol/L'",
+        f"{fixture.relative_to(b).as_posix()}: changed",
     ], lines
 
 

@@ -24,6 +24,7 @@ from engine.config.routes import routes_file
 
 MISSING = object()
 FILE = object()  # a whole file added or removed
+CONTENT = object()  # a file that is not YAML (a fixture message, a table as TSV) whose bytes changed
 KEYS = ("name", "id", "fact", "type", "path")  # list items are matched by the first of these they have
 
 
@@ -36,6 +37,8 @@ class Change:
 
     def __str__(self) -> str:
         where = f"{self.file}: {self.path}" if self.path else self.file
+        if self.new is CONTENT:
+            return f"{where}: changed"
         if FILE in (self.old, self.new):
             return f"{where}: {'added' if self.old is MISSING else 'removed'}"
         if self.old is MISSING:
@@ -89,15 +92,19 @@ def changes(old: Any, new: Any, path: str = "") -> Iterator[tuple[str, Any, Any]
         yield path, old, new
 
 
-def _yaml_files(root: Path) -> dict[str, Any]:
-    """Mappings, their tables and fixture tests, as plain data, by their path under ``root``."""
+def _mapping_files(root: Path) -> dict[str, Any]:
+    """Mappings, their tables and fixture tests by their path under ``root``: YAML as plain data,
+    other files (fixture messages, TSV tables) as bytes."""
     out: dict[str, Any] = {}
     folder = root / "mappings"
     if folder.is_dir():
-        for path in sorted([*folder.rglob("*.yaml"), *folder.rglob("*.yml")]):
+        for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
             rel = path.relative_to(root).as_posix()
-            data, _ = read_yaml(path, rel)
-            out[rel] = plain(data)
+            if path.suffix in (".yaml", ".yml"):
+                data, _ = read_yaml(path, rel)
+                out[rel] = plain(data)
+            else:
+                out[rel] = path.read_bytes()
     return out
 
 
@@ -121,12 +128,15 @@ def diff_projects(old: Project, new: Project) -> list[Change]:
     shown = routes.name if routes is not None else "routes.yaml"
     out += [Change(shown, p, o, n) for p, o, n in
             changes(_dump(old.routes, relative_to=old.root), _dump(new.routes, relative_to=new.root))]
-    fa, fb = _yaml_files(old.root), _yaml_files(new.root)
+    fa, fb = _mapping_files(old.root), _mapping_files(new.root)
     for rel in [*fa, *(r for r in fb if r not in fa)]:
         if rel not in fa or rel not in fb:
             out.append(Change(rel, "", MISSING if rel not in fa else FILE, FILE if rel not in fa else MISSING))
-            continue
-        out += [Change(rel, p, o, n) for p, o, n in changes(fa[rel], fb[rel])]
+        elif isinstance(fa[rel], bytes) or isinstance(fb[rel], bytes):
+            if fa[rel] != fb[rel]:
+                out.append(Change(rel, "", FILE, CONTENT))
+        else:
+            out += [Change(rel, p, o, n) for p, o, n in changes(fa[rel], fb[rel])]
     return out
 
 
