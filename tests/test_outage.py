@@ -97,3 +97,26 @@ def test_store_writer_crash_is_survived(engine_factory) -> None:
     engine.writer_pids = children_of(engine.proc.pid)
     rows = {r["control_id"]: r for r in store_rows(store_url(engine))}
     assert rows["BEFORE-CRASH"]["status"] == "queued"
+
+
+def test_the_frames_of_a_batch_reach_the_socket_in_one_write() -> None:
+    """pika writes each frame (three per message) on its own; the publisher hands a batch's frames
+    to the transport as one buffer. This also guards the pika internal it relies on."""
+    from engine.queue.rabbitmq import _CoalescingConnection
+
+    class Transport:
+        def __init__(self) -> None:
+            self.writes: list[bytes] = []
+
+        def write(self, data: bytes) -> None:
+            self.writes.append(data)
+
+    conn = object.__new__(_CoalescingConnection)
+    conn._transport = Transport()
+    conn.hold()
+    for frame in (b"method", b"header", b"body"):
+        conn._adapter_emit_data(frame)
+    assert conn._transport.writes == []
+    conn.release()
+    conn._adapter_emit_data(b"heartbeat")  # outside a batch: as pika does
+    assert conn._transport.writes == [b"methodheaderbody", b"heartbeat"]

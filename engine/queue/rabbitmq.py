@@ -111,6 +111,28 @@ class _Batch:
                 self.notify(self)
 
 
+class _CoalescingConnection(SelectConnection):  # type: ignore[misc]  # pika is untyped
+    """A SelectConnection that can hold back the frames of several publishes and hand them to the
+    socket as one buffer: pika writes every frame (method, header, body: three per message) with
+    its own ``send`` call, so a batch of 30 messages cost 90 system calls."""
+
+    _held: list[bytes] | None = None
+
+    def _adapter_emit_data(self, data: bytes) -> None:
+        if self._held is not None:
+            self._held.append(data)
+        else:
+            super()._adapter_emit_data(data)
+
+    def hold(self) -> None:
+        self._held = []
+
+    def release(self) -> None:
+        held, self._held = self._held, None
+        if held:
+            super()._adapter_emit_data(b"".join(held))
+
+
 class RabbitPublisher:
     """Owns one AMQP connection in its own thread; reconnects by itself with backoff."""
 
@@ -120,7 +142,7 @@ class RabbitPublisher:
         self.max_delay = max_delay
         self.last_error = "not connected yet"
         self._params = connection_parameters(url)
-        self._conn: SelectConnection | None = None
+        self._conn: _CoalescingConnection | None = None
         self._channel: Any = None
         self._ready = threading.Event()
         self._stopping = False
@@ -191,7 +213,7 @@ class RabbitPublisher:
         while True:
             self._opened = False
             try:
-                self._conn = SelectConnection(
+                self._conn = _CoalescingConnection(
                     self._params,
                     on_open_callback=self._on_open,
                     on_open_error_callback=self._on_open_error,
@@ -253,6 +275,9 @@ class RabbitPublisher:
         if ch is None or not ch.is_open or not self._ready.is_set():
             batch.fail(self.last_error or "broker channel not open")
             return
+        conn = self._conn
+        if conn is not None:
+            conn.hold()
         try:
             for routing_key, body, props in messages:
                 ch.basic_publish(self.exchange, routing_key, body, props, mandatory=True)
@@ -263,6 +288,9 @@ class RabbitPublisher:
                 self._by_uid[uid] = batch
         except AMQPError as exc:
             batch.fail(f"publish failed: {exc}")
+        finally:
+            if conn is not None:
+                conn.release()
 
     def _on_return(self, _ch: Any, method: Any, props: Any, _body: bytes) -> None:
         batch = self._by_uid.get(props.message_id or "")
