@@ -845,6 +845,31 @@ def outbound_resend(
     typer.echo(f"{verb} {len(found)} outbound message(s)" + (f" (ids {found[0]}..{found[-1]})" if found else ""))
 
 
+@outbound_app.command("cancel")
+def outbound_cancel(
+    ctx: typer.Context,
+    ids: Annotated[list[int] | None, typer.Argument(help="ids from hl7engine outbound")] = None,
+    destination: Annotated[str | None, typer.Option(help="instead of ids: every undelivered one of this route "
+                                                    "destination (e.g. one removed from routes.yaml)")] = None,
+    channel: Annotated[str | None, typer.Option(help="only messages of this channel")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="only list them")] = False,
+    config: Annotated[Path | None, typer.Option("--config", "-c", file_okay=False, resolve_path=True)] = None,
+) -> None:
+    """Give up for good on outbound messages not delivered (pending, expired or refused): status
+    cancelled, never sent again; `resend` still can. For a downstream system taken out of service.
+    The destination's later messages then go on."""
+    from engine.outbound.query import cancel
+
+    cfg = config or (ctx.obj if isinstance(ctx.obj, Path) else Path(".").resolve())
+    try:
+        found = _read_store(cfg, lambda engine: cancel(engine, ids or [], destination=destination, channel=channel,
+                                                       dry_run=dry_run))
+    except ValueError as exc:
+        _fail(str(exc), 2)
+    verb = "would cancel" if dry_run else "cancelled"
+    typer.echo(f"{verb} {len(found)} outbound message(s)" + (f" (ids {found[0]}..{found[-1]})" if found else ""))
+
+
 @token_app.command("new")
 def token_new(
     name: Annotated[str, typer.Argument(help="who the token is for, e.g. clinic-portal (shown in the access log)")],

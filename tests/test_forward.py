@@ -271,6 +271,49 @@ def test_forwards_go_in_order_and_a_failing_destination_holds_only_its_own(db_ur
         bad.close()
 
 
+def test_operators_cancel_what_a_retired_destination_still_owes(db_url: str, engine: Engine,
+                                                               tmp_path: Path) -> None:
+    env = {"HL7ENGINE_DATABASE_URL": db_url}
+
+    def cli(*args: str) -> Any:
+        return in_process("outbound", *args, "--config", str(tmp_path), env=env)
+
+    old = add(engine, "mllp", "retired", [oru(f"F{i}") for i in range(3)])
+    kept = add(engine, "mllp", "lis", [oru("F9")])
+    assert cli("cancel").returncode == 2  # neither ids nor a destination
+    out = cli("cancel", "--destination", "retired", "--dry-run")
+    assert out.returncode == 0 and f"would cancel 3 outbound message(s) (ids {old[0]}..{old[-1]})" in out.stdout
+    assert {r.status for r in state(engine, "retired")} == {"pending"}
+    assert "cancelled 3 outbound message(s)" in cli("cancel", "--destination", "retired").stdout
+    rows = state(engine, "retired")
+    assert {(r.status, r.last_error) for r in rows} == {("cancelled", "cancelled by an operator")}
+    assert [r.status for r in state(engine, "lis")] == ["pending"]
+    assert cli("cancel", str(old[0])).returncode == 2  # already cancelled: nothing undelivered with that id
+    listed = [json.loads(line) for line in cli("--status", "cancelled", "--json").stdout.splitlines()]
+    assert sorted(r["id"] for r in listed) == old
+    # resend revives one
+    assert "will deliver again 1 outbound message(s)" in cli("resend", str(old[1])).stdout
+    assert [r.status for r in state(engine, "retired")] == ["cancelled", "pending", "cancelled"]
+
+    # cancelled while being delivered: the delivery's outcome does not undo the cancel
+    peer = Peer(answer="AE", delay=1.0)
+    d = Deliverer(db_url, [], [mllp_dest(peer.port)], now=Clock())
+    try:
+        import threading
+
+        t = threading.Thread(target=d.run_once)
+        t.start()
+        deadline = time.time() + 10
+        while not peer.received and time.time() < deadline:
+            time.sleep(0.02)
+        assert "cancelled 1 outbound message(s)" in cli("cancel", str(kept[0])).stdout
+        t.join(20)
+        assert [(r.status, r.attempts) for r in state(engine, "lis")] == [("cancelled", 0)]
+    finally:
+        d.close()
+        peer.close()
+
+
 def test_a_file_that_cannot_be_written_is_retried_then_expires(db_url: str, engine: Engine, tmp_path: Path) -> None:
     blocked = tmp_path / "blocked"
     blocked.write_text("a file where the directory should be")

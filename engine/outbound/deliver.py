@@ -341,7 +341,9 @@ class Deliverer:
             results += self._send(self.targets[stream], items, deadline)
         if results:
             with engine.begin() as conn:
-                conn.execute(update(outbound).where(outbound.c.id == bindparam("b_id")).values(
+                # only rows still pending: one an operator cancelled meanwhile stays cancelled
+                conn.execute(update(outbound).where(outbound.c.id == bindparam("b_id"),
+                                                    outbound.c.status == "pending").values(
                     status=bindparam("b_status"), attempts=bindparam("b_attempts"),
                     next_attempt_at=bindparam("b_next", type_=outbound.c.next_attempt_at.type),
                     sent_at=bindparam("b_sent", type_=outbound.c.sent_at.type), answer=bindparam("b_answer"),

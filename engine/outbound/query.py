@@ -91,3 +91,30 @@ def resend(engine: Engine, ids: list[int], *, status: str | None = None, channel
             now = datetime.now(UTC)
             conn.execute(update(o).where(o.c.id.in_(found)).values(status="pending", due_at=now, next_attempt_at=now))
     return found
+
+
+def cancel(engine: Engine, ids: list[int], *, destination: str | None = None, channel: str | None = None,
+           kinds: tuple[str, ...] = KINDS, dry_run: bool = False) -> list[int]:
+    """Give up on rows that were not delivered (pending, expired or refused) for good: status
+    cancelled, never sent again (``resend`` can still revive one). The ``ids`` given, or every such
+    row of ``destination`` (a route destination's name, e.g. one removed from routes.yaml) or of
+    ``channel``. A row being delivered right now may still arrive once. Returns the ids, oldest first."""
+    o = outbound
+    q = select(o.c.id).where(o.c.kind.in_(kinds), o.c.status.in_(("pending", "expired", "refused")))
+    if ids:
+        q = q.where(o.c.id.in_(ids))
+    elif destination is None and channel is None:
+        raise ValueError("give ids, or --destination NAME or --channel NAME")
+    if destination is not None:
+        q = q.where(o.c.kind.in_(FORWARD_KINDS), o.c.target == destination)
+    if channel is not None:
+        q = q.where(o.c.channel == channel)
+    with engine.begin() as conn:
+        found = [r.id for r in conn.execute(q.order_by(o.c.id)).all()]
+        if ids and len(found) < len(set(ids)):
+            missing = sorted(set(ids) - set(found))
+            raise ValueError(f"no undelivered outbound message with id {', '.join(map(str, missing))}")
+        if found and not dry_run:
+            conn.execute(update(o).where(o.c.id.in_(found)).values(status="cancelled", last_error="cancelled by an "
+                                                                                             "operator"))
+    return found

@@ -159,7 +159,7 @@ Index("ix_message_events_message_id", message_events.c.message_id)
 # delivered afterwards (at least once, in id order per stream): the application ACKs of enhanced-mode
 # channels (kind app_ack), sent to the sender's own listener, and messages forwarded to a route's
 # mllp or file destinations (kind mllp, file).
-OUTBOUND_STATUSES = ("pending", "sent", "refused", "expired")
+OUTBOUND_STATUSES = ("pending", "sent", "refused", "expired", "cancelled")  # cancelled: by an operator
 outbound = Table(
     "outbound",
     metadata,
