@@ -245,17 +245,28 @@ def main() -> None:
                 c.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
 
 
-def report_application_acks(acks: AckListener, engine: Any, expected: int) -> None:
-    """Wait for every message's application ACK; print their rate and latency from receipt."""
+def arrivals(seen: dict[str, Any], expected: int, engine: Any) -> dict[str, float]:
+    """Wait (at most 5 minutes) until ``seen`` (control ID -> what arrived) holds ``expected``
+    entries; then the receipt time of each processed message, by control ID."""
     deadline = time.time() + 300
-    while len(acks.arrived) < expected and time.time() < deadline:
+    while len(seen) < expected and time.time() < deadline:
         time.sleep(0.2)
     with engine.connect() as conn:
-        received = {r.control_id: r.received_at.timestamp() for r in conn.execute(
+        return {r.control_id: r.received_at.timestamp() for r in conn.execute(
             select(messages.c.control_id, messages.c.received_at).where(messages.c.status == "processed"))}
-    got = [(cid, at) for cid, (code, at) in acks.arrived.items() if cid in received and code == "AA"]
+
+
+def timing(got: list[tuple[str, float]], received: dict[str, float]) -> tuple[float, list[float]]:
+    """Span from the first receipt to the last arrival, and the sorted receipt->arrival latencies (ms)."""
     lat = sorted((at - received[cid]) * 1000 for cid, at in got)
-    span = max(at for _, at in got) - min(received[cid] for cid, _ in got)
+    return max(at for _, at in got) - min(received[cid] for cid, _ in got), lat
+
+
+def report_application_acks(acks: AckListener, engine: Any, expected: int) -> None:
+    """Wait for every message's application ACK; print their rate and latency from receipt."""
+    received = arrivals(acks.arrived, expected, engine)
+    got = [(cid, at) for cid, (code, at) in acks.arrived.items() if cid in received and code == "AA"]
+    span, lat = timing(got, received)
     print(f"application ACKs: {len(got)} AA of {expected} messages at the sender's listener in {span:.2f}s "
           f"= {len(got) / span:,.0f}/s; receipt->application ACK p50 {percentile(lat, 0.50):.1f} ms, "
           f"p99 {percentile(lat, 0.99):.1f} ms; other codes {len(acks.arrived) - len(got)}")
@@ -264,15 +275,9 @@ def report_application_acks(acks: AckListener, engine: Any, expected: int) -> No
 def report_forwards(acks: AckListener, engine: Any, expected: int) -> None:
     """Wait for every processed message to reach the downstream listener; print the rate and the
     latency from receipt."""
-    deadline = time.time() + 300
-    while len(acks.forwarded) < expected and time.time() < deadline:
-        time.sleep(0.2)
-    with engine.connect() as conn:
-        received = {r.control_id: r.received_at.timestamp() for r in conn.execute(
-            select(messages.c.control_id, messages.c.received_at).where(messages.c.status == "processed"))}
+    received = arrivals(acks.forwarded, expected, engine)
     got = [(cid, at) for cid, at in acks.forwarded.items() if cid in received]
-    lat = sorted((at - received[cid]) * 1000 for cid, at in got)
-    span = max(at for _, at in got) - min(received[cid] for cid, _ in got)
+    span, lat = timing(got, received)
     print(f"forwards: {len(got)} of {expected} processed messages at the downstream listener in {span:.2f}s "
           f"= {len(got) / span:,.0f}/s; receipt->forward received p50 {percentile(lat, 0.50):.1f} ms, "
           f"p99 {percentile(lat, 0.99):.1f} ms")

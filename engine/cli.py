@@ -775,14 +775,9 @@ def app_acks_resend(
     longer than give_up_after (--status expired). The listener process delivers them."""
     from engine.outbound.query import resend
 
-    cfg = config or (ctx.obj if isinstance(ctx.obj, Path) else Path(".").resolve())
-    try:
-        found = _read_store(cfg, lambda engine: resend(engine, ids or [], status=status, channel=channel,
-                                                       dry_run=dry_run))
-    except ValueError as exc:
-        _fail(str(exc), 2)
-    verb = "would send again" if dry_run else "will send again"
-    typer.echo(f"{verb} {len(found)} application ACK(s)" + (f" (ids {found[0]}..{found[-1]})" if found else ""))
+    _outbound_change(ctx, config, lambda engine: resend(engine, ids or [], status=status, channel=channel,
+                                                        dry_run=dry_run),
+                     "would send again" if dry_run else "will send again", "application ACK(s)")
 
 
 @outbound_app.callback()
@@ -835,14 +830,9 @@ def outbound_resend(
     process delivers them, in order per destination."""
     from engine.outbound.query import KINDS, resend
 
-    cfg = config or (ctx.obj if isinstance(ctx.obj, Path) else Path(".").resolve())
-    try:
-        found = _read_store(cfg, lambda engine: resend(engine, ids or [], status=status, channel=channel, kinds=KINDS,
-                                                       destination=destination, dry_run=dry_run))
-    except ValueError as exc:
-        _fail(str(exc), 2)
-    verb = "would deliver again" if dry_run else "will deliver again"
-    typer.echo(f"{verb} {len(found)} outbound message(s)" + (f" (ids {found[0]}..{found[-1]})" if found else ""))
+    _outbound_change(ctx, config, lambda engine: resend(engine, ids or [], status=status, channel=channel,
+                                                        kinds=KINDS, destination=destination, dry_run=dry_run),
+                     "would deliver again" if dry_run else "will deliver again", "outbound message(s)")
 
 
 @outbound_app.command("cancel")
@@ -860,14 +850,20 @@ def outbound_cancel(
     The destination's later messages then go on."""
     from engine.outbound.query import cancel
 
+    _outbound_change(ctx, config, lambda engine: cancel(engine, ids or [], destination=destination,
+                                                        channel=channel, dry_run=dry_run),
+                     "would cancel" if dry_run else "cancelled", "outbound message(s)")
+
+
+def _outbound_change(ctx: typer.Context, config: Path | None, change: Callable[[Any], list[int]], verb: str,
+                     what: str) -> None:
+    """Run a change of ``outbound`` rows (resend, cancel) on the store and say what it did."""
     cfg = config or (ctx.obj if isinstance(ctx.obj, Path) else Path(".").resolve())
     try:
-        found = _read_store(cfg, lambda engine: cancel(engine, ids or [], destination=destination, channel=channel,
-                                                       dry_run=dry_run))
+        found = _read_store(cfg, change)
     except ValueError as exc:
         _fail(str(exc), 2)
-    verb = "would cancel" if dry_run else "cancelled"
-    typer.echo(f"{verb} {len(found)} outbound message(s)" + (f" (ids {found[0]}..{found[-1]})" if found else ""))
+    typer.echo(f"{verb} {len(found)} {what}" + (f" (ids {found[0]}..{found[-1]})" if found else ""))
 
 
 @token_app.command("new")

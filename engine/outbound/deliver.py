@@ -245,6 +245,12 @@ class Deliverer:
                 self.targets[(APP_ACK, name)] = _Peer(APP_ACK, name, cfg.ack.application_acks)
         for d in destinations:
             self.targets[(d.type, d.name)] = _Files(d) if isinstance(d, FileDestination) else _Peer(d.type, d.name, d)
+        streams: dict[str, list[str]] = {}
+        for kind, name in sorted(self.targets):
+            streams.setdefault(kind, []).append(name)
+        # the rows this deliverer may send: its application ACK channels' and destinations'
+        self._ours = or_(false(), *(and_(outbound.c.kind == kind, outbound.c.target.in_(names))
+                                    for kind, names in streams.items()))
         self.interval = interval
         self.backoff_first = backoff_first
         self.backoff_most = backoff_most
@@ -311,9 +317,7 @@ class Deliverer:
         waiting = select(h.c.id).where(h.c.kind == outbound.c.kind, h.c.target == outbound.c.target,
                                        h.c.status == "pending", h.c.id < outbound.c.id,
                                        h.c.next_attempt_at > now).exists()
-        ours = or_(false(), *(and_(outbound.c.kind == kind, outbound.c.target.in_(sorted(names)))
-                              for kind, names in self._streams().items()))
-        due = (outbound.c.status == "pending") & (outbound.c.next_attempt_at <= now) & ours & ~waiting
+        due = (outbound.c.status == "pending") & (outbound.c.next_attempt_at <= now) & self._ours & ~waiting
         with reader.connect() as conn:
             if conn.execute(select(outbound.c.id).where(due).limit(1)).first() is None:
                 return 0
@@ -355,12 +359,6 @@ class Deliverer:
                 if x.outcome != "waiting":
                     x.target.count(x.outcome)
         return len(rows)
-
-    def _streams(self) -> dict[str, set[str]]:
-        out: dict[str, set[str]] = {}
-        for kind, name in self.targets:
-            out.setdefault(kind, set()).add(name)
-        return out
 
     def _send(self, target: _Target, rows: list[Any], deadline: float) -> list[_Result]:
         """Deliver a stream's rows in order; at the first failure the rest wait with it. Past

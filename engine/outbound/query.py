@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, Select, select, update
 
 from engine.outbound.appack import KIND as APP_ACK
 from engine.store.schema import OUTBOUND_STATUSES, outbound
@@ -82,15 +82,8 @@ def resend(engine: Engine, ids: list[int], *, status: str | None = None, channel
         q = q.where(o.c.channel == channel)
     if destination is not None:
         q = q.where(o.c.kind.in_(FORWARD_KINDS), o.c.target == destination)
-    with engine.begin() as conn:
-        found = [r.id for r in conn.execute(q.order_by(o.c.id)).all()]
-        if ids and len(found) < len(set(ids)):
-            missing = sorted(set(ids) - set(found))
-            raise ValueError(f"no {what} with id {', '.join(map(str, missing))}")
-        if found and not dry_run:
-            now = datetime.now(UTC)
-            conn.execute(update(o).where(o.c.id.in_(found)).values(status="pending", due_at=now, next_attempt_at=now))
-    return found
+    now = datetime.now(UTC)
+    return _change(engine, q, ids, what, {"status": "pending", "due_at": now, "next_attempt_at": now}, dry_run)
 
 
 def cancel(engine: Engine, ids: list[int], *, destination: str | None = None, channel: str | None = None,
@@ -109,12 +102,19 @@ def cancel(engine: Engine, ids: list[int], *, destination: str | None = None, ch
         q = q.where(o.c.kind.in_(FORWARD_KINDS), o.c.target == destination)
     if channel is not None:
         q = q.where(o.c.channel == channel)
+    return _change(engine, q, ids, "undelivered outbound message",
+                   {"status": "cancelled", "last_error": "cancelled by an operator"}, dry_run)
+
+
+def _change(engine: Engine, q: Select[Any], ids: list[int], what: str, values: dict[str, Any],
+            dry_run: bool) -> list[int]:
+    """The rows ``q`` selects (every id of ``ids`` must be among them) set to ``values``; their ids,
+    oldest first."""
     with engine.begin() as conn:
-        found = [r.id for r in conn.execute(q.order_by(o.c.id)).all()]
+        found = [r.id for r in conn.execute(q.order_by(outbound.c.id)).all()]
         if ids and len(found) < len(set(ids)):
             missing = sorted(set(ids) - set(found))
-            raise ValueError(f"no undelivered outbound message with id {', '.join(map(str, missing))}")
+            raise ValueError(f"no {what} with id {', '.join(map(str, missing))}")
         if found and not dry_run:
-            conn.execute(update(o).where(o.c.id.in_(found)).values(status="cancelled", last_error="cancelled by an "
-                                                                                             "operator"))
+            conn.execute(update(outbound).where(outbound.c.id.in_(found)).values(**values))
     return found
