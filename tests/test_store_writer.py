@@ -151,6 +151,38 @@ def test_queue_failure_rolls_back_the_whole_transaction(url: str) -> None:
     assert store_rows(url) == [], "nothing half-done is kept"
 
 
+class CountingQueue(DatabaseQueue):
+    """The embedded queue, counting what is handed to it."""
+
+    def __init__(self) -> None:
+        self.started: list[str] = []
+
+    def start(self, records: list[Record], deadline: float) -> object:
+        self.started += [r.uid for r in records]
+        return super().start(records, deadline)
+
+
+def test_a_failed_insert_hands_nothing_to_the_queue(url: str) -> None:
+    """The resend check and the INSERT share one round trip on PostgreSQL: when the INSERT fails
+    (here a uid already stored), nothing is handed to the queue, every job fails with the store
+    as the cause, and the writer's connection serves the next transaction."""
+    q = CountingQueue()
+    w = BatchWriter(db.make_engine(url, writer=True), q)
+    first = wire_job(msg("U1"))
+    write(w, first)
+    clash = wire_job(msg("U2"), job_id=2)
+    clash.records[0].uid = first.records[0].uid
+    other = wire_job(msg("U3"), job_id=3)
+    _, _, failed = write(w, clash, other)
+    assert failed == "store"
+    assert [j.records[0].outcome for j in (clash, other)] == ["failed", "failed"]
+    assert q.started == [first.records[0].uid]
+    after = wire_job(msg("U4"), job_id=4)
+    write(w, after)
+    assert after.records[0].outcome == "accepted"
+    assert sorted(r["control_id"] for r in store_rows(url)) == ["U1", "U4"]
+
+
 def test_expired_job_is_not_written(url: str) -> None:
     w = BatchWriter(db.make_engine(url, writer=True), DatabaseQueue())
     late = wire_job(msg("LATE"), deadline=time.time() - 1)
