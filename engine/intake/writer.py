@@ -111,10 +111,6 @@ class Txn:
     result: tuple[int, float, str] | None = None  # set when the transaction is over
 
 
-_RESEND_SQL_PG = ("SELECT id, sending_facility, control_id, sha256 FROM messages "
-                  "WHERE control_id = ANY(%s) AND accepted ORDER BY id")
-
-
 def _key(r: Record) -> tuple[str, str, str]:
     return (r.sending_facility or "")[:250], (r.control_id or "")[:199], r.sha256
 
@@ -191,13 +187,14 @@ class BatchWriter:
                 txn.deadline = min(j.deadline for j in live)
                 cursor = conn.connection.cursor()
                 try:
-                    if conn.dialect.name == "postgresql":
-                        self._insert_pipelined(cursor, records, self.t(now))
-                    else:
-                        self._dedupe(cursor, conn.dialect, records)
-                        insert_rows(cursor, conn.dialect.paramstyle, messages, MESSAGE_COLUMNS,
-                                    self._rows(records, self.t(now)))
+                    self._dedupe(cursor, conn.dialect, records)
                     txn.accepted = [r for r in records if r.outcome == "accepted"]
+                    rows = []
+                    for r in records:
+                        if not r.row or r.status == "duplicate":
+                            r.prepare(self.t(now), self.t, self.partitions)
+                        rows.append(r.row)
+                    insert_rows(cursor, conn.dialect.paramstyle, messages, MESSAGE_COLUMNS, rows)
                     # published only once the rows are in: a failed INSERT leaves nothing in the
                     # queue (and measured here, publishing earlier slowed the INSERT more than it
                     # gained, pika's work competing with it for the interpreter)
@@ -301,68 +298,24 @@ class BatchWriter:
                 conn.close()
                 self._conns[i] = None
 
-    def _rows(self, records: list[Record], now: Any) -> list[tuple[Any, ...]]:
-        rows = []
-        for r in records:
-            if not r.row or r.status == "duplicate":
-                r.prepare(now, self.t, self.partitions)
-            rows.append(r.row)
-        return rows
-
-    def _insert_pipelined(self, cursor: Any, records: list[Record], now: Any) -> None:
-        """PostgreSQL: the resend check and the INSERT in one round trip.
-
-        The rows go in as if no message were a resend of a stored one (duplicates within the batch
-        are known beforehand); the SELECT, queued first, sees only committed rows. The rare resend
-        it finds is then turned into a duplicate by an UPDATE, before anything is published.
-        """
-        self._classify(records, {})
-        rows = self._rows(records, now)
-        ids = list({r.control_id[:199] for r in records if r.outcome == "accepted" and r.control_id})
-        raw = cursor.connection
-        with raw.pipeline():
-            found = raw.cursor()
-            if ids:  # one statement whatever the count: prepared once
-                found.execute(_RESEND_SQL_PG, (ids,))
-            insert_rows(cursor, "format", messages, MESSAGE_COLUMNS, rows)
-        known = self._known(found.fetchall() if ids else [])
-        found.close()
-        resent = [r for r in records if r.outcome == "accepted" and _key(r) in known]
-        if not resent:
-            return
-        keys = {_key(r) for r in resent}
-        fixes = []
-        for r in records:
-            if r.outcome in ("accepted", "duplicate") and _key(r) in keys:  # with its copies in this batch
-                r.status, r.outcome, r.duplicate_of, r.duplicate_of_uid = "duplicate", "duplicate", known[_key(r)], None
-                fixes.append((r.duplicate_of, r.uid))
-        cursor.executemany("UPDATE messages SET status = 'duplicate', accepted = false, duplicate_of = %s "
-                           "WHERE uid = %s", fixes)
-
     @staticmethod
-    def _known(found: list[tuple[Any, ...]]) -> dict[tuple[str, str, str], int]:
-        known: dict[tuple[str, str, str], int] = {}
-        for row_id, facility, control, sha in found:
-            known.setdefault((facility or "", control, sha), row_id)
-        return known
-
-    @classmethod
-    def _dedupe(cls, cursor: Any, dialect: Dialect, records: list[Record]) -> None:
+    def _dedupe(cursor: Any, dialect: Dialect, records: list[Record]) -> None:
         """A message is a resend when an accepted one has the same MSH-4, MSH-10 and bytes."""
         ids = {r.control_id[:199] for r in records if r.status == "queued" and r.control_id}
-        if ids:
+        known: dict[tuple[str, str, str], int] = {}
+        if ids and dialect.name == "postgresql":  # one statement whatever the count: prepared once
+            cursor.execute("SELECT id, sending_facility, control_id, sha256 FROM messages "
+                           "WHERE control_id = ANY(%s) AND accepted ORDER BY id", (list(ids),))
+        elif ids:
             cursor.execute(
                 "SELECT id, sending_facility, control_id, sha256 FROM messages "
                 f"WHERE control_id IN ({in_list(dialect.paramstyle, len(ids))}) AND accepted = "
                 + ("1" if dialect.name == "sqlite" else "true") + " ORDER BY id",
                 tuple(ids),
             )
-        cls._classify(records, cls._known(cursor.fetchall()) if ids else {})
-
-    @staticmethod
-    def _classify(records: list[Record], known: dict[tuple[str, str, str], int]) -> None:
-        """Outcomes: accepted, duplicate (of a stored message in ``known`` or of one earlier in the
-        batch) or recorded (refusals and failures, which are stored but not queued)."""
+        if ids:
+            for row_id, facility, control, sha in cursor.fetchall():
+                known.setdefault((facility or "", control, sha), row_id)
         in_batch: dict[tuple[str, str, str], Record] = {}
         for r in records:
             if r.status != "queued":
