@@ -10,7 +10,8 @@ the worker's own code alone, in this process: the messages are stored first (by 
 code, as the listener would), then processed in batches of ``--batch`` (50, as the RabbitMQ consumer
 takes them) on this repository's routes.yaml and mappings/. It reports the worker process's CPU time
 per message (``time.process_time``: what a worker costs, and the figure to compare when changing its
-code) and the wall time (CPU plus waiting for the database). The database's own CPU is not counted.
+code), on PostgreSQL the server processes' CPU serving the worker's connections (from /proc), and
+the wall time (CPU plus waiting for the database).
 The peer baseline, in the same run: python-hl7's ``hl7.parse`` of the same message, on one core.
 
 The message is bench/loadgen.py's ORU^R01 with 10 OBX; patients repeat every 5,000 messages.
@@ -78,6 +79,27 @@ def store(url: str, count: int) -> list[str]:
     return uids
 
 
+def database_cpu(url: str) -> float | None:
+    """CPU seconds used so far by the PostgreSQL server processes serving this database's client
+    connections (from /proc; None for SQLite, whose work is the worker's own, or where /proc is not
+    readable). Server processes that ended are not counted: the worker keeps its connections open."""
+    if not url.startswith("postgresql"):
+        return None
+    name = url.rsplit("/", 1)[1]
+    with psycopg.connect(PG_ADMIN, autocommit=True) as c:
+        pids = [r[0] for r in c.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s "
+                                        "AND backend_type = 'client backend'", (name,))]
+    ticks = 0
+    try:
+        for pid in pids:
+            with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    except OSError:
+        return None
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def measure(label: str, url: str, count: int, batch: int, profile: str | None) -> None:
     db.upgrade(url)
     uids = store(url, count + WARMUP)
@@ -88,6 +110,7 @@ def measure(label: str, url: str, count: int, batch: int, profile: str | None) -
         processor.process_batch([(u, None) for u in uids[:WARMUP]])
         measured = uids[WARMUP:]
         prof = cProfile.Profile() if profile else None
+        db0 = database_cpu(url)
         wall0, cpu0 = time.perf_counter(), time.process_time()
         if prof is not None:
             prof.enable()
@@ -99,12 +122,14 @@ def measure(label: str, url: str, count: int, batch: int, profile: str | None) -
         if prof is not None:
             prof.disable()
         wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+        db1 = database_cpu(url)
     finally:
         processor.engine.dispose()
     n = len(measured)
+    server = f", PostgreSQL server CPU {(db1 - db0) / n * 1e3:.3f} ms" if db0 is not None and db1 is not None else ""
     print(f"{label}: {n:,} ORU^R01 (10 OBX) in batches of {batch}: worker CPU {cpu / n * 1e3:.3f} ms per "
-          f"message, wall {wall / n * 1e3:.3f} ms -> {n / wall:,.0f} msgs/s, {10 * n / wall:,.0f} observations/s "
-          "for one worker" + (" (profiled: slower)" if prof is not None else ""), flush=True)
+          f"message{server}, wall {wall / n * 1e3:.3f} ms -> {n / wall:,.0f} msgs/s, {10 * n / wall:,.0f} "
+          "observations/s for one worker" + (" (profiled: slower)" if prof is not None else ""), flush=True)
     if prof is not None and profile:
         pstats.Stats(prof, stream=sys.stdout).sort_stats(profile).print_stats(40)
 
