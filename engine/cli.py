@@ -101,7 +101,8 @@ def _serve(config: Path, settings: Any, *, workers: int, api: bool) -> None:
     if settings.http_port:
         if api:
             tokens, tls = _api_access(settings)
-            _start_api_thread(settings.resolved_database_url(config), settings.http_port, tokens, tls)
+            _start_api_thread(settings.resolved_database_url(config), settings.http_port, tokens, tls,
+                              _broker_depths(settings))
         else:
             from prometheus_client import start_http_server
 
@@ -152,7 +153,18 @@ def _api_access(settings: Any) -> tuple[Any, dict[str, Any]]:
     return tokens, tls
 
 
-def _start_api_thread(database_url: str, port: int, tokens: Any, tls: dict[str, Any]) -> None:
+def _broker_depths(settings: Any) -> Callable[[], list[tuple[str, int]]] | None:
+    """With RabbitMQ, how /metrics reads the queues' depths; None with the embedded queue."""
+    if not settings.broker_url:
+        return None
+    from engine.queue.rabbitmq import queue_depths
+
+    url, name, partitions = settings.broker_url, settings.queue_name, settings.queue_partitions
+    return lambda: queue_depths(url, name, partitions)
+
+
+def _start_api_thread(database_url: str, port: int, tokens: Any, tls: dict[str, Any],
+                      broker_depths: Callable[[], list[tuple[str, int]]] | None = None) -> None:
     """The HTTP API in a thread of the listener process (light read traffic)."""
     import socket
     import threading
@@ -166,7 +178,8 @@ def _start_api_thread(database_url: str, port: int, tokens: Any, tls: dict[str, 
             pass
     except OSError as exc:
         _fail(f"cannot serve HTTP on port {port}: {exc} (set HL7ENGINE_HTTP_PORT)")
-    server = uvicorn.Server(uvicorn.Config(create_app(database_url, tokens), host="0.0.0.0", port=port, **tls,
+    server = uvicorn.Server(uvicorn.Config(create_app(database_url, tokens, broker_depths), host="0.0.0.0",
+                                           port=port, **tls,
                                            log_level="warning", access_log=False, loop="asyncio",
                                            timeout_graceful_shutdown=5))
     threading.Thread(target=server.run, name="http-api", daemon=True).start()  # signals stay with the listener
@@ -241,7 +254,8 @@ def api(config: ConfigDir = Path(".")) -> None:
     url = settings.resolved_database_url(config)
     db.upgrade(url)
     # a client keeping its connection open must not hold a SIGTERM off for ever
-    uvicorn.run(create_app(url, tokens), host="0.0.0.0", port=settings.http_port or 8080, log_level="warning",
+    uvicorn.run(create_app(url, tokens, _broker_depths(settings)), host="0.0.0.0",
+                port=settings.http_port or 8080, log_level="warning",
                 access_log=False, timeout_graceful_shutdown=5, **tls)
 
 

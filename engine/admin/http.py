@@ -5,7 +5,8 @@
 - ``GET /fhir/metadata`` — a CapabilityStatement (what can be read and searched);
 - ``GET /fhir/{type}/{id}`` — one resource (``Patient``, ``Observation``, …);
 - ``GET /fhir/{type}?…`` — a searchset Bundle (parameters in ``engine.record.fhir``);
-- ``GET /healthz`` — ``{"status": "ok"}`` when the database answers, else 503.
+- ``GET /healthz`` — ``{"status": "ok"}`` when the database answers, else 503;
+- ``GET /metrics`` — Prometheus metrics, with gauges of the shared state (``engine.admin.state``).
 
 Reading ``/fhir`` needs a bearer token, or, without a tokens file, a loopback client
 (``engine.admin.access``). Responses are ``application/fhir+json``; errors are OperationOutcome
@@ -23,12 +24,13 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.admin.access import ApiTokens
+from engine.admin.state import StateCollector
 from engine.observe import get_logger
 from engine.record.fhir import PARAMS, RESOURCE_TYPES, SearchError, UnknownResourceType, read, search
 from engine.store.db import make_engine
@@ -66,10 +68,14 @@ def capability_statement() -> dict[str, Any]:
     }
 
 
-def create_app(database_url: str, tokens: ApiTokens | None = None) -> FastAPI:
-    """The app; ``tokens``: who may read ``/fhir`` (None: no tokens file, loopback clients only)."""
+def create_app(database_url: str, tokens: ApiTokens | None = None,
+               broker_depths: Callable[[], list[tuple[str, int]]] | None = None) -> FastAPI:
+    """The app; ``tokens``: who may read ``/fhir`` (None: no tokens file, loopback clients only);
+    ``broker_depths``: with RabbitMQ, how to read the queues' depths for /metrics (``engine.admin.state``)."""
     engine = make_engine(database_url, pool_size=4)
     access = tokens if tokens is not None else ApiTokens()
+    state = CollectorRegistry(auto_describe=False)
+    state.register(StateCollector(engine, broker_depths))
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -110,8 +116,10 @@ def create_app(database_url: str, tokens: ApiTokens | None = None) -> FastAPI:
 
     @app.get("/metrics")
     def metrics() -> Response:
-        """Prometheus metrics of this process (with ``hl7engine run``: the listeners')."""
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        """Prometheus metrics of this process (with ``hl7engine run``: the listeners' and workers'),
+        and the shared state: queue depths, messages needing attention, parked patients, owed
+        deliveries."""
+        return Response(generate_latest() + generate_latest(state), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz")
     def healthz() -> Response:

@@ -85,6 +85,22 @@ def declare_topology(url: str, name: str, partitions: int) -> str:
         conn.close()
 
 
+def queue_depths(url: str, name: str, partitions: int) -> list[tuple[str, int]]:
+    """Ready messages in each partition queue (``p0``…) and in the dead-letter queue (``dead``), by
+    passive declares on a short-lived connection. Raises when the broker does not answer or a queue
+    does not exist (the listeners and workers declare them when they start)."""
+    conn = pika.BlockingConnection(connection_parameters(url))
+    try:
+        ch = conn.channel()
+        depths = [(f"p{i}", int(ch.queue_declare(q, passive=True).method.message_count))
+                  for i, q in enumerate(queue_names(name, partitions))]
+        dead = ch.queue_declare(name + DEAD_LETTER_SUFFIX, passive=True)
+        depths.append(("dead", int(dead.method.message_count)))
+        return depths
+    finally:
+        conn.close()
+
+
 class _Batch:
     __slots__ = ("error", "event", "notify", "remaining")
 
