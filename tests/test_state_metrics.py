@@ -14,10 +14,10 @@ import httpx
 import pika
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
-from sqlalchemy import Engine, insert
+from sqlalchemy import Engine, insert, text
 
 from engine.admin.http import create_app
-from engine.admin.state import StateCollector
+from engine.admin.state import StateCollector, attention_query
 from engine.mllp.client import MLLPClient
 from engine.queue.rabbitmq import declare_topology, queue_depths
 from engine.store import db
@@ -174,3 +174,16 @@ def test_a_running_engine_reports_its_queue(backend: Backend, engine_factory: An
         assert 'hl7engine_queue_messages{queue="dead"} 0.0' in body
     else:
         assert "hl7engine_queue_oldest_seconds" in body
+
+
+def test_the_messages_are_counted_from_the_partial_index(engine: Engine) -> None:
+    """The count must not read the millions of queued and processed rows: the query carries the
+    partial index's condition, without which SQLite scans the whole table."""
+    sql = str(attention_query().compile(engine, compile_kwargs={"literal_binds": True}))
+    with engine.connect() as conn:
+        if engine.dialect.name == "sqlite":
+            plan = " ".join(str(r[-1]) for r in conn.execute(text("EXPLAIN QUERY PLAN " + sql)))
+        else:
+            conn.execute(text("SET enable_seqscan = off"))
+            plan = " ".join(str(r[0]) for r in conn.execute(text("EXPLAIN " + sql)))
+    assert "ix_messages_status_attention" in plan, plan
