@@ -240,6 +240,99 @@ def workers_list(
                f"partitions consumed: {len(held)}")
 
 
+@app.command("status")
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object")] = False,
+    config: ConfigDir = Path("."),
+) -> None:
+    """What needs attention now: the queue's depth, messages in error or held per channel, parked
+    patients, forwards and application ACKs owed. Exit 0 when nothing needs anyone, 1 when something
+    does (errors, held messages, parked patients, expired deliveries, dead-lettered messages), 2 when
+    the store or the broker does not answer."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from engine.admin.state import read_store
+
+    settings = _settings()
+    depths = _broker_depths(settings)
+    engine = _store_engine(config)
+    try:
+        snap = read_store(engine, embedded_queue=depths is None)
+    except SQLAlchemyError as exc:
+        _fail(f"the message store does not answer ({type(exc).__name__}); is the database up, and migrated "
+              f"(hl7engine db upgrade --config {config})?", 2)
+    finally:
+        engine.dispose()
+    broker_error = ""
+    queue = snap.queue
+    if depths is not None:
+        try:
+            queue = depths()
+        except Exception as exc:  # any failure of the broker read is reported, not raised
+            broker_error = f"{type(exc).__name__}: {exc}"[:200]
+    dead = sum(n for q, n in queue if q == "dead")
+    waiting = sum(n for q, n in queue if q != "dead")
+    attention = (any(st in ("error", "held") for _, st, _ in snap.messages) or snap.parked > 0 or dead > 0
+                 or any(st == "expired" for _, _, st, _ in snap.outbound))
+    if as_json:
+        typer.echo(json.dumps({
+            "queue": {"kind": "rabbitmq" if depths is not None else "embedded", "waiting": waiting,
+                      "dead_lettered": dead if depths is not None else None, "partitions": dict(queue),
+                      "oldest_seconds": None if depths is not None else snap.queue_oldest,
+                      "error": broker_error or None},
+            "messages": [{"channel": c, "status": st, "count": n} for c, st, n in snap.messages],
+            "parked_patients": snap.parked, "parked_oldest_seconds": snap.parked_oldest,
+            "outbound": [{"kind": k, "target": t, "status": st, "count": n} for k, t, st, n in snap.outbound],
+            "outbound_oldest_seconds": [{"kind": k, "target": t, "seconds": round(a, 1)}
+                                        for k, t, a in snap.outbound_oldest],
+            "needs_attention": attention}))
+    else:
+        if broker_error:
+            typer.echo(f"queue: RabbitMQ does not answer: {broker_error}")
+        elif depths is not None:
+            typer.echo(f"queue (RabbitMQ): {waiting} waiting, {dead} dead-lettered; "
+                       + ", ".join(f"{q} {n}" for q, n in queue if q != "dead"))
+        else:
+            oldest = f", oldest waiting {_span(snap.queue_oldest)}" if snap.queue_oldest is not None else ""
+            typer.echo(f"queue (embedded): {waiting} waiting{oldest}"
+                       + (f"; {', '.join(f'{q} {n}' for q, n in queue)}" if queue else ""))
+        by_channel: dict[str, list[str]] = {}
+        for c, st, n in snap.messages:
+            by_channel.setdefault(c, []).append(f"{st} {n}")
+        typer.echo("messages needing attention or in flight:" + ("" if by_channel else " none"))
+        for c, parts in sorted(by_channel.items()):
+            typer.echo(f"  {c}: {', '.join(parts)}")
+        typer.echo(f"parked patients: {snap.parked}"
+                   + (f" (the longest for {_span(snap.parked_oldest)})" if snap.parked_oldest is not None else ""))
+        owed: dict[tuple[str, str], list[str]] = {}
+        for k, t, st, n in snap.outbound:
+            owed.setdefault((k, t), []).append(f"{st} {n}")
+        ages = {(k, t): a for k, t, a in snap.outbound_oldest}
+        typer.echo("deliveries owed:" + ("" if owed else " none"))
+        for (k, t), parts in sorted(owed.items()):
+            age = f" (oldest pending owed for {_span(ages[(k, t)])})" if (k, t) in ages else ""
+            typer.echo(f"  {k} {t}: {', '.join(parts)}{age}")
+        if attention:
+            typer.echo("needs attention: `hl7engine messages --status error`, then `messages replay ID` or "
+                       "`messages skip ID`; `hl7engine outbound --status expired` (docs/operations.md)")
+    if broker_error:
+        raise typer.Exit(2)
+    if attention:
+        raise typer.Exit(1)
+
+
+def _span(seconds: float | None) -> str:
+    """A duration for people: 45s, 12m 5s, 3h 20m, 2d 4h."""
+    s = int(seconds or 0)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m {s % 60}s"
+    if s < 86400:
+        return f"{s // 3600}h {s % 3600 // 60}m"
+    return f"{s // 86400}d {s % 86400 // 3600}h"
+
+
 @app.command()
 def api(config: ConfigDir = Path(".")) -> None:
     """Serve the HTTP API alone: FHIR R4 read API under /fhir, /metrics, /healthz (HL7ENGINE_HTTP_PORT)."""

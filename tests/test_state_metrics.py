@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
+import subprocess
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -187,3 +190,67 @@ def test_the_messages_are_counted_from_the_partial_index(engine: Engine) -> None
             conn.execute(text("SET enable_seqscan = off"))
             plan = " ".join(str(r[0]) for r in conn.execute(text("EXPLAIN " + sql)))
     assert "ix_messages_status_attention" in plan, plan
+
+
+# -- hl7engine status: the same state for an operator at a terminal ---------------------------------
+
+def status(db_url: str, tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    from tests.test_cli import in_process
+
+    return in_process("status", *args, "--config", str(tmp_path), env={"HL7ENGINE_DATABASE_URL": db_url, **env})
+
+
+def test_status_of_a_healthy_store_exits_0(db_url: str, engine: Engine, tmp_path: Path) -> None:
+    add_message(engine, "lab", "processed")
+    done = status(db_url, tmp_path)
+    assert done.returncode == 0, done
+    assert "queue (embedded): 0 waiting" in done.stdout
+    assert "parked patients: 0" in done.stdout and "deliveries owed: none" in done.stdout
+
+
+def test_status_names_what_needs_attention_and_exits_1(db_url: str, engine: Engine, tmp_path: Path) -> None:
+    uid = add_message(engine, "lab", "error")
+    add_message(engine, "lab", "held")
+    old = datetime.now(UTC) - timedelta(hours=2)
+    with engine.begin() as conn:
+        conn.execute(insert(queue_entries).values(message_uid=uid, partition=3, enqueued_at=old, available_at=old,
+                                                  attempts=0))
+        conn.execute(insert(parked_patients).values(patient_key="WLAB|77^BY", message_uid=uid, parked_at=old))
+        conn.execute(insert(outbound).values(message_id=1, kind="mllp", channel="lab", target="lis", destination="h:1",
+                                             control_id="X", code="", payload=b"M", status="expired", attempts=9,
+                                             created_at=old, due_at=old, next_attempt_at=old))
+    done = status(db_url, tmp_path)
+    assert done.returncode == 1, done
+    out = done.stdout
+    assert "queue (embedded): 1 waiting, oldest waiting 2h 0m; p3 1" in out, out
+    assert "  lab: " in out and "error 1" in out and "held 1" in out
+    assert "parked patients: 1 (the longest for 2h 0m)" in out
+    assert "  mllp lis: expired 1" in out
+    as_json = json.loads(status(db_url, tmp_path, "--json").stdout)
+    assert as_json["needs_attention"] is True and as_json["parked_patients"] == 1
+    assert as_json["queue"] == {"kind": "embedded", "waiting": 1, "dead_lettered": None, "partitions": {"p3": 1},
+                                "oldest_seconds": as_json["queue"]["oldest_seconds"], "error": None}
+    assert 7190 < as_json["queue"]["oldest_seconds"] < 7300
+    assert {"channel": "lab", "status": "error", "count": 1} in as_json["messages"]
+
+
+def test_status_reads_rabbitmq_and_counts_dead_letters(postgres_url: str, rabbitmq_url: str, queue_name: str,
+                                                       tmp_path: Path) -> None:
+    db.upgrade(postgres_url)
+    declare_topology(rabbitmq_url, queue_name, 2)
+    conn = pika.BlockingConnection(pika.URLParameters(rabbitmq_url))
+    ch = conn.channel()
+    ch.basic_publish(queue_name, "0", b"m")
+    ch.basic_publish("", f"{queue_name}.dead", b"m")
+    conn.close()
+    env = {"HL7ENGINE_BROKER_URL": rabbitmq_url, "HL7ENGINE_QUEUE_NAME": queue_name, "HL7ENGINE_QUEUE_PARTITIONS": "2"}
+    done = status(postgres_url, tmp_path, **env)
+    assert done.returncode == 1, done  # a dead-lettered message needs someone
+    assert "queue (RabbitMQ): 1 waiting, 1 dead-lettered; p0 1, p1 0" in done.stdout
+    down = status(postgres_url, tmp_path, **{**env, "HL7ENGINE_BROKER_URL": "amqp://guest:guest@127.0.0.1:1/"})
+    assert down.returncode == 2 and "queue: RabbitMQ does not answer" in down.stdout
+
+
+def test_status_when_the_store_does_not_answer(tmp_path: Path) -> None:
+    done = status("postgresql+psycopg://postgres@127.0.0.1:1/none", tmp_path)
+    assert done.returncode == 2 and "the message store does not answer" in done.stderr
