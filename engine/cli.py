@@ -255,7 +255,10 @@ def status(
 
     settings = _settings()
     depths = _broker_depths(settings)
-    engine = _store_engine(config)
+    try:
+        engine = _store_engine(config)
+    except typer.Exit:  # no store file: it does not answer (exit 2, not "needs attention")
+        raise typer.Exit(2) from None
     try:
         snap = read_store(engine, embedded_queue=depths is None)
     except SQLAlchemyError as exc:

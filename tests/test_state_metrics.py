@@ -254,3 +254,8 @@ def test_status_reads_rabbitmq_and_counts_dead_letters(postgres_url: str, rabbit
 def test_status_when_the_store_does_not_answer(tmp_path: Path) -> None:
     done = status("postgresql+psycopg://postgres@127.0.0.1:1/none", tmp_path)
     assert done.returncode == 2 and "the message store does not answer" in done.stderr
+
+
+def test_status_without_a_store_file(tmp_path: Path) -> None:
+    done = status(f"sqlite:///{tmp_path / 'nothing.db'}", tmp_path)
+    assert done.returncode == 2 and "no message store at" in done.stderr
