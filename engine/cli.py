@@ -102,7 +102,7 @@ def _serve(config: Path, settings: Any, *, workers: int, api: bool) -> None:
         if api:
             tokens, tls = _api_access(settings)
             _start_api_thread(settings.resolved_database_url(config), settings.http_port, tokens, tls,
-                              _broker_depths(settings))
+                              _broker_depths(settings), settings.queue_partitions)
         else:
             from prometheus_client import start_http_server
 
@@ -164,7 +164,8 @@ def _broker_depths(settings: Any) -> Callable[[], list[tuple[str, int]]] | None:
 
 
 def _start_api_thread(database_url: str, port: int, tokens: Any, tls: dict[str, Any],
-                      broker_depths: Callable[[], list[tuple[str, int]]] | None = None) -> None:
+                      broker_depths: Callable[[], list[tuple[str, int]]] | None = None,
+                      queue_partitions: int = 0) -> None:
     """The HTTP API in a thread of the listener process (light read traffic)."""
     import socket
     import threading
@@ -178,7 +179,8 @@ def _start_api_thread(database_url: str, port: int, tokens: Any, tls: dict[str, 
             pass
     except OSError as exc:
         _fail(f"cannot serve HTTP on port {port}: {exc} (set HL7ENGINE_HTTP_PORT)")
-    server = uvicorn.Server(uvicorn.Config(create_app(database_url, tokens, broker_depths), host="0.0.0.0",
+    server = uvicorn.Server(uvicorn.Config(create_app(database_url, tokens, broker_depths, queue_partitions),
+                                           host="0.0.0.0",
                                            port=port, **tls,
                                            log_level="warning", access_log=False, loop="asyncio",
                                            timeout_graceful_shutdown=5))
@@ -350,7 +352,7 @@ def api(config: ConfigDir = Path(".")) -> None:
     url = settings.resolved_database_url(config)
     db.upgrade(url)
     # a client keeping its connection open must not hold a SIGTERM off for ever
-    uvicorn.run(create_app(url, tokens, _broker_depths(settings)), host="0.0.0.0",
+    uvicorn.run(create_app(url, tokens, _broker_depths(settings), settings.queue_partitions), host="0.0.0.0",
                 port=settings.http_port or 8080, log_level="warning",
                 access_log=False, timeout_graceful_shutdown=5, **tls)
 

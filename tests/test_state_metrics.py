@@ -93,11 +93,11 @@ def test_the_state_of_the_store(engine: Engine) -> None:
 
 
 def test_an_empty_store_reads_zero(engine: Engine) -> None:
-    reg = registry(engine)
+    reg = registry(engine, partitions=4)
     assert value(reg, "hl7engine_parked_patients") == 0
     assert value(reg, "hl7engine_parked_oldest_seconds") == 0
     assert value(reg, "hl7engine_queue_oldest_seconds") == 0
-    assert value(reg, "hl7engine_queue_messages", queue="p0") is None
+    assert [value(reg, "hl7engine_queue_messages", queue=f"p{i}") for i in range(5)] == [0, 0, 0, 0, None]
 
 
 def test_reads_are_cached_for_the_ttl(engine: Engine) -> None:

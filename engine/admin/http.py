@@ -69,13 +69,14 @@ def capability_statement() -> dict[str, Any]:
 
 
 def create_app(database_url: str, tokens: ApiTokens | None = None,
-               broker_depths: Callable[[], list[tuple[str, int]]] | None = None) -> FastAPI:
+               broker_depths: Callable[[], list[tuple[str, int]]] | None = None, queue_partitions: int = 0) -> FastAPI:
     """The app; ``tokens``: who may read ``/fhir`` (None: no tokens file, loopback clients only);
-    ``broker_depths``: with RabbitMQ, how to read the queues' depths for /metrics (``engine.admin.state``)."""
+    ``broker_depths``: with RabbitMQ, how to read the queues' depths for /metrics (``engine.admin.state``);
+    ``queue_partitions``: the embedded queue's partitions, each reported even when empty."""
     engine = make_engine(database_url, pool_size=4)
     access = tokens if tokens is not None else ApiTokens()
     state = CollectorRegistry(auto_describe=False)
-    state.register(StateCollector(engine, broker_depths))
+    state.register(StateCollector(engine, broker_depths, partitions=queue_partitions))
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

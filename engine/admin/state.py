@@ -10,8 +10,9 @@ for an hour". These are read from the message store (and, with RabbitMQ, from th
   someone or are in flight (received, processing, replayed, held, error; not the many queued,
   processed, filtered and duplicate ones, which no index the receiving path pays for can count);
 - ``hl7engine_queue_messages{queue}``: messages waiting in each partition of the queue (embedded:
-  ``queue_entries``; RabbitMQ: the ready messages of ``<name>.p0``… and of the dead-letter queue
-  ``dead``), and ``hl7engine_queue_oldest_seconds`` (embedded only: RabbitMQ does not tell);
+  ``queue_entries``, every partition reported, 0 when empty; RabbitMQ: the ready messages of
+  ``<name>.p0``… and of the dead-letter queue as ``dead``), and ``hl7engine_queue_oldest_seconds``
+  (embedded only: RabbitMQ does not tell);
 - ``hl7engine_parked_patients`` and ``hl7engine_parked_oldest_seconds``;
 - ``hl7engine_outbound_messages{kind,target,status}`` (pending, expired) and
   ``hl7engine_outbound_oldest_seconds{kind,target}``: how long the oldest pending one has been owed;
@@ -108,9 +109,10 @@ class StateCollector(Collector):
     raises when the broker does not answer); None with the embedded queue."""
 
     def __init__(self, engine: Engine, broker_depths: Callable[[], list[tuple[str, int]]] | None = None,
-                 ttl: float = 10.0) -> None:
+                 ttl: float = 10.0, partitions: int = 0) -> None:
         self.engine = engine
         self.broker_depths = broker_depths
+        self.partitions = partitions  # embedded queue: partitions reported as 0 when empty
         self.ttl = ttl
         self._lock = threading.Lock()
         self._at = -1e18
@@ -134,6 +136,12 @@ class StateCollector(Collector):
                     self._broker = None
             self._at = time.monotonic()
 
+    def _embedded(self, store: StoreSnapshot) -> list[tuple[str, int]]:
+        counts = dict(store.queue)
+        for i in range(self.partitions):
+            counts.setdefault(f"p{i}", 0)
+        return sorted(counts.items(), key=lambda kv: int(kv[0][1:]))
+
     def collect(self) -> Iterator[Metric]:
         self._refresh()
         store, broker = self._store, self._broker
@@ -146,7 +154,7 @@ class StateCollector(Collector):
         queue = GaugeMetricFamily("hl7engine_queue_messages", "Messages waiting in each queue partition "
                                   "(RabbitMQ: ready messages, and the dead-letter queue as 'dead')",
                                   labels=["queue"])
-        depths = broker if self.broker_depths is not None else (store.queue if store is not None else None)
+        depths = broker if self.broker_depths is not None else (self._embedded(store) if store is not None else None)
         for name, n in depths or []:
             queue.add_metric([name], n)
         if depths is not None:
