@@ -180,10 +180,8 @@ def _start_api_thread(database_url: str, port: int, tokens: Any, tls: dict[str, 
     except OSError as exc:
         _fail(f"cannot serve HTTP on port {port}: {exc} (set HL7ENGINE_HTTP_PORT)")
     server = uvicorn.Server(uvicorn.Config(create_app(database_url, tokens, broker_depths, queue_partitions),
-                                           host="0.0.0.0",
-                                           port=port, **tls,
-                                           log_level="warning", access_log=False, loop="asyncio",
-                                           timeout_graceful_shutdown=5))
+                                           host="0.0.0.0", port=port, **tls, log_level="warning", access_log=False,
+                                           loop="asyncio", timeout_graceful_shutdown=5))
     threading.Thread(target=server.run, name="http-api", daemon=True).start()  # signals stay with the listener
 
 
@@ -282,7 +280,8 @@ def status(
     if as_json:
         typer.echo(json.dumps({
             "queue": {"kind": "rabbitmq" if depths is not None else "embedded", "waiting": waiting,
-                      "dead_lettered": dead if depths is not None else None, "partitions": dict(queue),
+                      "dead_lettered": dead if depths is not None else None,
+                      "partitions": {q: n for q, n in queue if q != "dead"},
                       "oldest_seconds": None if depths is not None else snap.queue_oldest,
                       "error": broker_error or None},
             "messages": [{"channel": c, "status": st, "count": n} for c, st, n in snap.messages],
