@@ -246,9 +246,9 @@ def status(
     config: ConfigDir = Path("."),
 ) -> None:
     """What needs attention now: the queue's depth, messages in error or held per channel, parked
-    patients, forwards and application ACKs owed. Exit 0 when nothing needs anyone, 1 when something
-    does (errors, held messages, parked patients, expired deliveries, dead-lettered messages), 2 when
-    the store or the broker does not answer."""
+    patients, forwards and application ACKs owed, RabbitMQ workers. Exit 0 when nothing needs anyone,
+    1 when something does (errors, held messages, parked patients, expired deliveries, dead-lettered
+    messages, partitions no worker consumes), 2 when the store or the broker does not answer."""
     from sqlalchemy.exc import SQLAlchemyError
 
     from engine.admin.state import read_store
@@ -275,8 +275,9 @@ def status(
             broker_error = f"{type(exc).__name__}: {exc}"[:200]
     dead = sum(n for q, n in queue if q == "dead")
     waiting = sum(n for q, n in queue if q != "dead")
+    unconsumed = sorted(set(range(settings.queue_partitions)) - snap.consumed) if snap.live_workers is not None else []
     attention = (any(st in ("error", "held") for _, st, _ in snap.messages) or snap.parked > 0 or dead > 0
-                 or any(st == "expired" for _, _, st, _ in snap.outbound))
+                 or any(st == "expired" for _, _, st, _ in snap.outbound) or bool(unconsumed))
     if as_json:
         typer.echo(json.dumps({
             "queue": {"kind": "rabbitmq" if depths is not None else "embedded", "waiting": waiting,
@@ -289,6 +290,8 @@ def status(
             "outbound": [{"kind": k, "target": t, "status": st, "count": n} for k, t, st, n in snap.outbound],
             "outbound_oldest_seconds": [{"kind": k, "target": t, "seconds": round(a, 1)}
                                         for k, t, a in snap.outbound_oldest],
+            "workers": None if snap.live_workers is None else {"live": snap.live_workers,
+                                                               "partitions_unconsumed": unconsumed},
             "needs_attention": attention}))
     else:
         if broker_error:
@@ -300,6 +303,9 @@ def status(
             oldest = f", oldest waiting {_span(snap.queue_oldest)}" if snap.queue_oldest is not None else ""
             typer.echo(f"queue (embedded): {waiting} waiting{oldest}"
                        + (f"; {', '.join(f'{q} {n}' for q, n in queue)}" if queue else ""))
+        if snap.live_workers is not None:
+            typer.echo(f"workers (RabbitMQ): {snap.live_workers} live; partitions nobody consumes: "
+                       + (", ".join(f"p{p}" for p in unconsumed) if unconsumed else "none"))
         by_channel: dict[str, list[str]] = {}
         for c, st, n in snap.messages:
             by_channel.setdefault(c, []).append(f"{st} {n}")

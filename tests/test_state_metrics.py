@@ -25,6 +25,7 @@ from engine.mllp.client import MLLPClient
 from engine.queue.rabbitmq import declare_topology, queue_depths
 from engine.store import db
 from engine.store.schema import messages, outbound, parked_patients, queue_entries
+from engine.worker.members import Membership
 from tests.conftest import Backend, free_port
 from tests.test_e2e import lab
 
@@ -75,6 +76,7 @@ def test_the_state_of_the_store(engine: Engine) -> None:
     reg = registry(engine)
     assert value(reg, "hl7engine_state_up", source="store") == 1
     assert value(reg, "hl7engine_state_up", source="broker") is None  # embedded queue: no broker
+    assert value(reg, "hl7engine_live_workers") is None  # embedded workers do not register
     assert value(reg, "hl7engine_store_messages", channel="lab", status="error") == 2
     assert value(reg, "hl7engine_store_messages", channel="lab", status="held") == 1
     assert value(reg, "hl7engine_store_messages", channel="adt", status="replayed") == 1
@@ -245,8 +247,21 @@ def test_status_reads_rabbitmq_and_counts_dead_letters(postgres_url: str, rabbit
     conn.close()
     env = {"HL7ENGINE_BROKER_URL": rabbitmq_url, "HL7ENGINE_QUEUE_NAME": queue_name, "HL7ENGINE_QUEUE_PARTITIONS": "2"}
     done = status(postgres_url, tmp_path, **env)
-    assert done.returncode == 1, done  # a dead-lettered message needs someone
+    assert done.returncode == 1, done  # a dead-lettered message needs someone, and no worker runs
     assert "queue (RabbitMQ): 1 waiting, 1 dead-lettered; p0 1, p1 0" in done.stdout
+    assert "workers (RabbitMQ): 0 live; partitions nobody consumes: p0, p1" in done.stdout
+    # a worker that consumes one of the two partitions: the other still waits
+    engine = db.make_engine(postgres_url)
+    worker = Membership(engine, 2)
+    worker.beat([0])
+    as_json = json.loads(status(postgres_url, tmp_path, "--json", **env).stdout)
+    assert as_json["workers"] == {"live": 1, "partitions_unconsumed": [1]}
+    reg = registry(engine, broker_depths=lambda: queue_depths(rabbitmq_url, queue_name, 2), partitions=2)
+    assert value(reg, "hl7engine_live_workers") == 1
+    assert value(reg, "hl7engine_partitions_unconsumed") == 1
+    worker.beat([0, 1])
+    assert json.loads(status(postgres_url, tmp_path, "--json", **env).stdout)["workers"]["partitions_unconsumed"] == []
+    engine.dispose()
     down = status(postgres_url, tmp_path, **{**env, "HL7ENGINE_BROKER_URL": "amqp://guest:guest@127.0.0.1:1/"})
     assert down.returncode == 2 and "queue: RabbitMQ does not answer" in down.stdout
 

@@ -16,6 +16,8 @@ for an hour". These are read from the message store (and, with RabbitMQ, from th
 - ``hl7engine_parked_patients`` and ``hl7engine_parked_oldest_seconds``;
 - ``hl7engine_outbound_messages{kind,target,status}`` (pending, expired) and
   ``hl7engine_outbound_oldest_seconds{kind,target}``: how long the oldest pending one has been owed;
+- ``hl7engine_live_workers`` and ``hl7engine_partitions_unconsumed`` (RabbitMQ: workers register
+  in the store; a partition nobody consumes waits);
 - ``hl7engine_state_up{source}``: 1 when the store (``store``) or the broker (``broker``) answered
   the last read, else 0 (and that source's gauges are left out).
 
@@ -55,6 +57,9 @@ class StoreSnapshot:
     parked_oldest: float | None = None
     outbound: list[tuple[str, str, str, int]] = field(default_factory=list)  # kind, target, status, count
     outbound_oldest: list[tuple[str, str, float]] = field(default_factory=list)  # kind, target, seconds
+    # RabbitMQ workers (the embedded queue's workers do not register): live ones, partitions they consume
+    live_workers: int | None = None
+    consumed: set[int] = field(default_factory=set)
 
 
 def _age(now: datetime, at: datetime | None) -> float | None:
@@ -99,6 +104,12 @@ def read_store(engine: Engine, *, embedded_queue: bool) -> StoreSnapshot:
             age = _age(now, due)
             if status == "pending" and age is not None:
                 snap.outbound_oldest.append((str(kind), str(target), age))
+    if not embedded_queue:
+        from engine.worker.members import list_members
+
+        live = [m for m in list_members(engine) if m.live]
+        snap.live_workers = len(live)
+        snap.consumed = {int(p) for m in live for p in m.partitions.split(",") if p}
     return snap
 
 
@@ -178,6 +189,13 @@ class StateCollector(Collector):
         for kind, target, status, n in store.outbound:
             owed.add_metric([kind, target, status], n)
         yield owed
+        if store.live_workers is not None:
+            yield GaugeMetricFamily("hl7engine_live_workers", "Worker processes consuming RabbitMQ with a "
+                                    "heartbeat in the last few seconds, on every host", value=store.live_workers)
+            if self.partitions:
+                unconsumed = len(set(range(self.partitions)) - store.consumed)
+                yield GaugeMetricFamily("hl7engine_partitions_unconsumed", "Queue partitions no live worker "
+                                        "consumes (for a few seconds while workers join or leave)", value=unconsumed)
         oldest = GaugeMetricFamily("hl7engine_outbound_oldest_seconds", "How long the oldest pending forward "
                                    "or application ACK has been owed", labels=["kind", "target"])
         for kind, target, age in store.outbound_oldest:
