@@ -177,6 +177,9 @@ def test_a_running_engine_reports_its_queue(backend: Backend, engine_factory: An
     if backend.services:
         assert 'hl7engine_state_up{source="broker"} 1.0' in body
         assert 'hl7engine_queue_messages{queue="dead"} 0.0' in body
+        assert "hl7engine_live_workers 0.0" in body  # the engine runs no worker here (HL7ENGINE_WORKERS=0)
+        partitions = int(eng.env.get("HL7ENGINE_QUEUE_PARTITIONS", "8"))
+        assert f"hl7engine_partitions_unconsumed {float(partitions)}" in body
     else:
         assert "hl7engine_queue_oldest_seconds" in body
 
