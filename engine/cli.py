@@ -220,7 +220,7 @@ def workers_list(
     config: ConfigDir = Path("."),
 ) -> None:
     """List the worker processes consuming RabbitMQ, on every host, and the partitions each consumes."""
-    from engine.worker.members import LEASE, list_members
+    from engine.worker.members import LEASE, consumed_partitions, list_members
 
     members = _read_store(config, list_members)
     if as_json:
@@ -234,10 +234,9 @@ def workers_list(
     typer.echo(f"{'MEMBER':<44} {'LIVE':<5} {'HEARTBEAT':>9}  PARTITIONS")
     for m in members:
         typer.echo(f"{m.id[:44]:<44} {'yes' if m.live else 'no':<5} {m.heartbeat_age:>7.1f} s  {m.partitions or '-'}")
-    live = [m for m in members if m.live]
-    held = sorted({int(p) for m in live for p in m.partitions.split(",") if p})
-    typer.echo(f"{len(live)} live of {len(members)} (a member is live with a heartbeat in the last {LEASE:.0f} s); "
-               f"partitions consumed: {len(held)}")
+    live = sum(1 for m in members if m.live)
+    typer.echo(f"{live} live of {len(members)} (a member is live with a heartbeat in the last {LEASE:.0f} s); "
+               f"partitions consumed: {len(consumed_partitions(members))}")
 
 
 @app.command("status")
@@ -275,7 +274,7 @@ def status(
             broker_error = f"{type(exc).__name__}: {exc}"[:200]
     dead = sum(n for q, n in queue if q == "dead")
     waiting = sum(n for q, n in queue if q != "dead")
-    unconsumed = sorted(set(range(settings.queue_partitions)) - snap.consumed) if snap.live_workers is not None else []
+    unconsumed = snap.unconsumed(settings.queue_partitions)
     attention = (any(st in ("error", "held") for _, st, _ in snap.messages) or snap.parked > 0 or dead > 0
                  or any(st == "expired" for _, _, st, _ in snap.outbound) or bool(unconsumed))
     if as_json:

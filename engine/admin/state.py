@@ -61,6 +61,10 @@ class StoreSnapshot:
     live_workers: int | None = None
     consumed: set[int] = field(default_factory=set)
 
+    def unconsumed(self, partitions: int) -> list[int]:
+        """RabbitMQ: the partitions no live worker consumes ([] with the embedded queue)."""
+        return [] if self.live_workers is None else sorted(set(range(partitions)) - self.consumed)
+
 
 def _age(now: datetime, at: datetime | None) -> float | None:
     if at is None:
@@ -105,11 +109,11 @@ def read_store(engine: Engine, *, embedded_queue: bool) -> StoreSnapshot:
             if status == "pending" and age is not None:
                 snap.outbound_oldest.append((str(kind), str(target), age))
     if not embedded_queue:
-        from engine.worker.members import list_members
+        from engine.worker.members import consumed_partitions, list_members
 
-        live = [m for m in list_members(engine) if m.live]
-        snap.live_workers = len(live)
-        snap.consumed = {int(p) for m in live for p in m.partitions.split(",") if p}
+        members = list_members(engine)
+        snap.live_workers = sum(1 for m in members if m.live)
+        snap.consumed = consumed_partitions(members)
     return snap
 
 
@@ -193,9 +197,9 @@ class StateCollector(Collector):
             yield GaugeMetricFamily("hl7engine_live_workers", "Worker processes consuming RabbitMQ with a "
                                     "heartbeat in the last few seconds, on every host", value=store.live_workers)
             if self.partitions:
-                unconsumed = len(set(range(self.partitions)) - store.consumed)
                 yield GaugeMetricFamily("hl7engine_partitions_unconsumed", "Queue partitions no live worker "
-                                        "consumes (for a few seconds while workers join or leave)", value=unconsumed)
+                                        "consumes (for a few seconds while workers join or leave)",
+                                        value=len(store.unconsumed(self.partitions)))
         oldest = GaugeMetricFamily("hl7engine_outbound_oldest_seconds", "How long the oldest pending forward "
                                    "or application ACK has been owed", labels=["kind", "target"])
         for kind, target, age in store.outbound_oldest:

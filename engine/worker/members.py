@@ -145,3 +145,8 @@ def list_members(engine: Engine) -> list[Member]:
         now = _db_epoch(conn)
         rows = conn.execute(select(worker_members).order_by(worker_members.c.started_at, worker_members.c.id)).all()
     return [Member(r.id, r.host, r.pid, r.started_at, max(0.0, now - r.heartbeat_at), r.partitions) for r in rows]
+
+
+def consumed_partitions(members: Sequence[Member]) -> set[int]:
+    """The partitions the live ones among ``members`` consume now."""
+    return {int(p) for m in members if m.live for p in m.partitions.split(",") if p}
