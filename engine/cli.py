@@ -14,7 +14,7 @@ import typer
 
 from engine.errors import ConfigError, EngineError, UsageError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="HL7 v2 interface engine.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="HL7 v2 interface engine.", rich_markup_mode="markdown")
 messages_app = typer.Typer(help="Find and inspect stored messages.", invoke_without_command=True)
 db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_help=True)
 app.add_typer(messages_app, name="messages")
