@@ -14,7 +14,9 @@ import typer
 
 from engine.errors import ConfigError, EngineError, UsageError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="HL7 v2 interface engine.", rich_markup_mode="markdown")
+# markdown: a docstring's lines are joined into paragraphs (rich mode keeps the source's line breaks)
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="HL7 v2 interface engine.",
+                  rich_markup_mode="markdown")
 messages_app = typer.Typer(help="Find and inspect stored messages.", invoke_without_command=True)
 db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_help=True)
 app.add_typer(messages_app, name="messages")
