@@ -53,7 +53,7 @@ def build_processor(root: Path, settings: Settings) -> Processor:
         raise ConfigError([Problem(shown_path(root / "mappings"), 0, 0, "", "no mappings/ directory: workers "
                                    "need the mappings routes.yaml names")])
     url = settings.resolved_database_url(root)
-    engine = db.make_engine(url, pool_size=2, writer=db.is_sqlite(url))
+    engine = db.make_engine(url, pool_size=2, writer=db.is_sqlite(url), custom_plans=True)
 
     def map_message(name: str, msg: Message, context: dict[str, Any]) -> Any:
         ctx = mappings.context(context["channel"], context["timezone"], control_id=context["control_id"],

@@ -46,6 +46,13 @@ class RetryLater(EngineError):
     """A transient failure: try the same message again later; nothing was marked."""
 
 
+class NotCommittedYet(RetryLater):
+    """A delivered message whose store row is not visible yet: the store writer publishes a
+    transaction's messages and commits it once the broker has confirmed them, so an idle worker
+    can receive a message a few milliseconds before its row is committed. Retried within
+    milliseconds, not after the backoff of a real failure."""
+
+
 class PermanentError(EngineError):
     def __init__(self, step: str, reason: str) -> None:
         self.step = step
@@ -269,6 +276,10 @@ class Processor:
         decides their outcome; raw text, channel and header never change, so the mapping holds."""
         with self.reader.connect() as conn:
             rows = self._rows(conn, uids, lock=False)
+            # ended by a commit, not by the pool's rollback: psycopg forgets every statement it has
+            # prepared on a connection at each ROLLBACK, and the write transaction's statements
+            # would be parsed again in every batch
+            conn.commit()
         pre: dict[str, tuple[Message | HL7Error, Any]] = {}
         for row in rows:
             if row.status in FINAL:

@@ -31,7 +31,7 @@ from engine.hl7.charsets import clean
 from engine.hl7.header import read_header
 from engine.observe import get_logger
 from engine.store.schema import messages, queue_entries
-from engine.worker.processor import Outcome, Processor, RetryLater
+from engine.worker.processor import NotCommittedYet, Outcome, Processor, RetryLater
 
 log = get_logger("engine.worker")
 
@@ -54,11 +54,24 @@ class Backoff:
 
 
 def retrying(process: Callable[[], T], stop: threading.Event, sleep: Callable[[float], object]) -> T | None:
-    """Run ``process`` until it does not raise RetryLater (None if stopped first)."""
+    """Run ``process`` until it does not raise RetryLater (None if stopped first).
+
+    A message row not committed yet (NotCommittedYet) is the normal race between the store writer's
+    commit and the broker's delivery, over within milliseconds: it is retried after 5 ms, doubling,
+    and logged (as a warning) only once it has lasted a second. Any other transient failure waits
+    0.1 s, doubling up to 10 s, and is logged each time."""
     backoff = Backoff()
+    soon = Backoff(0.005, 1.0)
+    waited = 0.0
     while not stop.is_set():
         try:
             return process()
+        except NotCommittedYet as exc:
+            delay = soon.next()
+            waited += delay
+            if waited >= 1.0:
+                log.warning("transient failure, retrying", reason=str(exc)[:200], delay=delay)
+            sleep(delay)
         except RetryLater as exc:
             delay = backoff.next()
             log.warning("transient failure, retrying", reason=str(exc)[:200], delay=delay)
@@ -274,7 +287,7 @@ def adopt(engine: Engine, uid: str, props: Any, body: bytes) -> None:
     except ValueError:
         received_at = datetime.fromtimestamp(props.timestamp or time.time(), UTC)
     if (datetime.now(UTC) - received_at).total_seconds() < ADOPT_AFTER:
-        raise RetryLater("message row not committed yet")
+        raise NotCommittedYet("message row not committed yet")
     charset = props.content_encoding or "utf-8"
     h = read_header(body, charset)
 
