@@ -226,7 +226,8 @@ def main() -> None:
         print(f"end to end ({'embedded' if args.embedded else 'PostgreSQL + RabbitMQ'}, {args.workers} worker "
               f"process(es)): {len(processed)} ORU (10 OBX) in {span:.2f}s = {len(processed) / span:,.0f} msgs/s, "
               f"{obs / span:,.0f} observations/s; receipt->commit p50 {percentile(lat, 0.50):.1f} ms, "
-              f"p99 {percentile(lat, 0.99):.1f} ms; statuses {statuses}; observations stored {obs:,}; "
+              f"p99 {percentile(lat, 0.99):.1f} ms (p10 {percentile(lat, 0.10):.1f}, p90 {percentile(lat, 0.90):.1f}, "
+              f"max {lat[-1]:.1f}); statuses {statuses}; observations stored {obs:,}; "
               f"wall {time.time() - t0:.1f}s")
         if acks is not None and args.application_acks:
             report_application_acks(acks, engine, len(rows))
