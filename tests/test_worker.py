@@ -292,10 +292,10 @@ def test_a_row_not_committed_yet_is_retried_within_milliseconds_and_logged_only_
 
 
 def test_prepared_statements_survive_from_batch_to_batch(postgres_url: str) -> None:
-    """psycopg drops every statement it prepared on a connection at each ROLLBACK. The worker's read
-    before the write transaction ends with a commit, so the statements of the write transactions
-    stay prepared on its connections (not parsed again in every batch), and they are planned for
-    their values (a generic plan for IN lists was measured at 10-20 ms)."""
+    """psycopg drops every statement it prepared on a connection at each ROLLBACK. On PostgreSQL a
+    worker's batch is one transaction that ends with a commit, so the statements stay prepared on
+    its connections (not parsed again in every batch), and they are planned for their values (a
+    generic plan for IN lists was measured at 10-20 ms)."""
     import psycopg
 
     from engine.worker.main import build_processor
