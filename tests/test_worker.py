@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, Engine, func, select
+from sqlalchemy import Connection, Engine, create_engine, func, select
 
 from engine.config.routes import RoutesConfig
 from engine.errors import EngineError
@@ -289,6 +289,43 @@ def test_a_row_not_committed_yet_is_retried_within_milliseconds_and_logged_only_
         retrying(failing(2, RetryLater("database is locked")), threading.Event(), slept.append)
     assert slept == [0.1, 0.2]
     assert len([e for e in logs if e["log_level"] == "warning"]) == 2
+
+
+def test_commit_watch_wakes_an_idle_worker_on_the_next_commit(tmp_path: Path) -> None:
+    """The embedded queue's worker waits for the store's next commit (PRAGMA data_version) rather
+    than sleeping: wait() returns when another connection commits, on stop, or at its timeout."""
+    from engine.queue.dbqueue import CommitWatch
+
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    db.upgrade(url)
+    engine = db.make_engine(url, writer=True)
+    watch = CommitWatch.of(engine)
+    assert watch is not None
+    assert CommitWatch.of(create_engine("sqlite://")) is None
+    stop = threading.Event()
+    try:
+        seen = watch.version()
+        watch.wait(seen, stop, 0.05)  # nothing committed: back at the timeout
+        assert watch.version() == seen
+
+        def commit_later() -> None:
+            time.sleep(0.1)
+            store(url, [oru("CW1", "P1")])
+
+        t = threading.Thread(target=commit_later)
+        t.start()
+        started = time.monotonic()
+        watch.wait(seen, stop, 60.0)
+        t.join()
+        assert watch.version() != seen and time.monotonic() - started < 30  # woken by the commit
+        seen = watch.version()
+        threading.Timer(0.1, stop.set).start()
+        started = time.monotonic()
+        watch.wait(seen, stop, 60.0)
+        assert stop.is_set() and time.monotonic() - started < 30  # woken by stop
+    finally:
+        watch.close()
+        engine.dispose()
 
 
 def test_prepared_statements_survive_from_batch_to_batch(postgres_url: str) -> None:

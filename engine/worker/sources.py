@@ -30,6 +30,7 @@ from sqlalchemy import Engine, delete, insert, select
 from engine.hl7.charsets import clean
 from engine.hl7.header import read_header
 from engine.observe import get_logger
+from engine.queue.dbqueue import CommitWatch
 from engine.store.schema import messages, queue_entries
 from engine.worker.processor import NotCommittedYet, Outcome, Processor, RetryLater
 
@@ -81,40 +82,56 @@ def retrying(process: Callable[[], T], stop: threading.Event, sleep: Callable[[f
 
 def run_db_queue(processor: Processor, engine: Engine, stop: threading.Event, *, index: int = 0, count: int = 1,
                  batch: int = BATCH, on_outcome: Callable[[Outcome], None] | None = None) -> None:
-    """Consume the embedded queue until ``stop`` is set: up to ``batch`` messages per transaction."""
+    """Consume the embedded queue until ``stop`` is set: up to ``batch`` messages per transaction.
+
+    When the queue is empty: on SQLite, wait for the next commit to the store (``CommitWatch``, at
+    most a second between reads); elsewhere, sleep 10 ms, doubling up to 0.25 s."""
     q = select(queue_entries.c.id, queue_entries.c.message_uid).order_by(queue_entries.c.id).limit(batch)
     if count > 1:
         q = q.where((queue_entries.c.partition % count) == index)
     idle = Backoff(0.01, 0.25)
-    while not stop.is_set():
-        try:
-            with engine.connect() as conn:
-                rows = conn.execute(q).all()
-        except Exception as exc:  # database down: wait for it
-            log.warning("embedded queue unreadable", error=str(exc)[:200])
-            stop.wait(idle.next())
-            continue
-        if not rows:
-            stop.wait(idle.next())
-            continue
-        idle.reset()
-        ids = [entry_id for entry_id, _ in rows]
+    # the queue is read through the processor's reader: on SQLite an engine whose transactions do
+    # not take the write lock (the worker's own begins BEGIN IMMEDIATE)
+    reader = processor.reader if engine is processor.engine else engine
+    watch = CommitWatch.of(reader)
+    try:
+        while not stop.is_set():
+            seen = watch.version() if watch is not None else 0
+            try:
+                with reader.connect() as conn:
+                    rows = conn.execute(q).all()
+            except Exception as exc:  # database down: wait for it
+                log.warning("embedded queue unreadable", error=str(exc)[:200])
+                stop.wait(idle.next())
+                continue
+            if not rows:
+                if watch is not None:
+                    watch.wait(seen, stop, 1.0)
+                else:
+                    stop.wait(idle.next())
+                continue
+            idle.reset()
+            _process_entries(processor, rows, stop, on_outcome)
+    finally:
+        if watch is not None:
+            watch.close()
 
-        def delete_entries(conn: Any, ids: list[int] = ids) -> None:
-            conn.execute(delete(queue_entries).where(queue_entries.c.id.in_(ids)))
 
-        # every entry is deleted by the last item's ``after``: once, in the batch's transaction
-        items: list[tuple[str, Callable[[Any], None] | None]] = [(uid, None) for _, uid in rows]
-        items[-1] = (items[-1][0], delete_entries)
-        def once(items: list[tuple[str, Callable[[Any], None] | None]] = items) -> list[Outcome]:
-            return processor.process_batch(items)
+def _process_entries(processor: Processor, rows: Sequence[Any], stop: threading.Event,
+                     on_outcome: Callable[[Outcome], None] | None) -> None:
+    """Process one read of the embedded queue in one transaction, which deletes its entries."""
+    ids = [entry_id for entry_id, _ in rows]
 
-        outcomes = retrying(once, stop, stop.wait)
-        if outcomes is None:
-            return
-        if on_outcome is not None:
-            for outcome in outcomes:
-                on_outcome(outcome)
+    def delete_entries(conn: Any) -> None:
+        conn.execute(delete(queue_entries).where(queue_entries.c.id.in_(ids)))
+
+    # every entry is deleted by the last item's ``after``: once, in the batch's transaction
+    items: list[tuple[str, Callable[[Any], None] | None]] = [(uid, None) for _, uid in rows]
+    items[-1] = (items[-1][0], delete_entries)
+    outcomes = retrying(lambda: processor.process_batch(items), stop, stop.wait)
+    if outcomes is not None and on_outcome is not None:
+        for outcome in outcomes:
+            on_outcome(outcome)
 
 
 TICK = 1.0  # seconds between asking which partitions to consume
