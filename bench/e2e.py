@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -135,8 +136,9 @@ def config_dir(port: int, ack_after: str = "stored", app_acks_port: int = 0, for
     (d / "channels").mkdir()
     lab = (ROOT / "channels" / "lab.yaml").read_text().replace("port: 2575", f"port: {port}")
     lab = lab.replace("host: 0.0.0.0", "host: 127.0.0.1")
-    if ack_after != "stored":
-        lab = lab.replace("\nack:\n", f"\nack:\n  after: {ack_after}\n  processing_timeout: 60s\n")
+    if ack_after != "stored":  # the example channel says ``after: stored``, with a comment
+        lab, n = re.subn(r"(?m)^  after: stored\b", f"  after: {ack_after}\n  processing_timeout: 60s", lab)
+        assert n == 1, "channels/lab.yaml: no 'after: stored' line under ack"
     if app_acks_port:
         lab = lab.replace("  mode: original", "  mode: enhanced").replace(
             "\nack:\n", f"\nack:\n  application_acks:\n    to: 127.0.0.1:{app_acks_port}\n")

@@ -27,3 +27,33 @@ def test_worker_benchmark_processes_every_message() -> None:
 def test_mapping_benchmark_runs() -> None:
     out = run("bench/mapping.py", "--seconds", "0.2")
     assert re.search(r"^oru_r01, 10 OBX: Mapping\.apply \d+ us/message", out, re.M), out
+
+
+def test_end_to_end_benchmark_configurations_pass_check() -> None:
+    """bench/e2e.py rewrites this repository's channel and routes for its options (ack after
+    processed, application ACKs, forwards): each variant must be a configuration the engine accepts
+    (the example channel once gained an explicit ``after: stored`` and --ack-after processed then
+    wrote the key twice, which the engine refused)."""
+    import importlib
+    import shutil
+
+    from engine.config.project import load_project
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        e2e = importlib.import_module("e2e")
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    variants = [{}, {"ack_after": "processed"}, {"app_acks_port": 6661}, {"forward_port": 6662},
+                {"ack_after": "processed", "forward_port": 6662}]
+    for options in variants:
+        d = e2e.config_dir(25999, **options)
+        try:
+            project = load_project(d)  # raises ConfigError naming every problem
+            (lab,) = [ch for ch in project.channels if ch.name == "lab"]
+            assert lab.config.listen.port == 25999
+            assert lab.config.ack.after == options.get("ack_after", "stored")
+            assert (lab.config.ack.mode == "enhanced") == ("app_acks_port" in options)
+            assert ("downstream" in (d / "routes.yaml").read_text()) == ("forward_port" in options)
+        finally:
+            shutil.rmtree(d)
