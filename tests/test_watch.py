@@ -74,3 +74,28 @@ def test_an_unreadable_store_is_waited_out(tmp_path: Any) -> None:
         return n
 
     assert asyncio.run(scenario()) == 1, "still waiting: the ACK timeout answers, not the watcher"
+
+
+def test_on_sqlite_the_next_commit_wakes_the_watcher(tmp_path: Any) -> None:
+    """Embedded, the watcher queries at the store's next commit (PRAGMA data_version), not after its
+    interval: with an interval of a minute, the outcome still arrives as soon as it is committed."""
+    from engine.store import db
+
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    db.upgrade(url)
+    engine = db.make_engine(url)
+    add(engine, "c1")
+
+    async def scenario() -> Processed:
+        watcher = ProcessWatcher(url, interval=60.0)
+        done: asyncio.Future[Processed] = asyncio.get_running_loop().create_future()
+        watcher.watch(done.set_result, uid="c1")
+        await asyncio.sleep(0.1)  # the first query has run: c1 is queued
+        await asyncio.to_thread(set_status, engine, "c1", "processed")
+        try:
+            return await asyncio.wait_for(done, 30)  # the interval alone would take 60 s
+        finally:
+            await watcher.close()
+
+    assert asyncio.run(scenario()) == Processed("processed")
+    engine.dispose()

@@ -294,7 +294,7 @@ def test_a_row_not_committed_yet_is_retried_within_milliseconds_and_logged_only_
 def test_commit_watch_wakes_an_idle_worker_on_the_next_commit(tmp_path: Path) -> None:
     """The embedded queue's worker waits for the store's next commit (PRAGMA data_version) rather
     than sleeping: wait() returns when another connection commits, on stop, or at its timeout."""
-    from engine.queue.dbqueue import CommitWatch
+    from engine.store.commits import CommitWatch
 
     url = f"sqlite:///{tmp_path / 'store.db'}"
     db.upgrade(url)

@@ -3,8 +3,10 @@
 The listener does not know where the workers run (in-process, ``hl7engine work`` on other hosts),
 but every worker writes its outcome into the message store. So the listener polls the store: one
 query every ``interval`` for all the messages it is waiting for, only while it waits for some, in
-a thread of its own so the event loop keeps answering other senders. A message is done when its
-status is final for the sender: processed or filtered (AA), error or held (AE).
+a thread of its own so the event loop keeps answering other senders. On SQLite it queries at the
+store's next commit instead (``CommitWatch``, looked at every 5 ms, and at least once a second), so
+the ACK leaves within milliseconds of the worker's commit. A message is done when its status is
+final for the sender: processed or filtered (AA), error or held (AE).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from sqlalchemy import Engine, or_, select
 
 from engine.observe import get_logger
 from engine.store import db
+from engine.store.commits import CommitWatch
 from engine.store.schema import messages
 
 log = get_logger("engine.intake")
@@ -55,6 +58,7 @@ class ProcessWatcher:
         self.interval = interval
         self._waiting: dict[tuple[str, str | int], list[Callback]] = {}  # ("uid", uid) or ("id", row id)
         self._engine: Engine | None = None
+        self._commits: CommitWatch | None = None  # SQLite: query at the next commit, not every interval
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._failing_since = 0.0
@@ -90,6 +94,9 @@ class ProcessWatcher:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self._commits is not None:
+            self._commits.close()
+            self._commits = None
         if self._engine is not None:
             await asyncio.to_thread(self._engine.dispose)
             self._engine = None
@@ -99,6 +106,7 @@ class ProcessWatcher:
     async def _poll(self) -> None:
         try:
             while self._waiting:
+                seen = self._commits.version() if self._commits is not None else 0
                 uids = [str(v) for kind, v in self._waiting if kind == "uid"]
                 ids = [int(v) for kind, v in self._waiting if kind == "id"]
                 try:
@@ -120,13 +128,27 @@ class ProcessWatcher:
                             callback(outcome)
                         except Exception:
                             log.exception("answering a processed message failed")
-                await asyncio.sleep(self.interval)
+                await self._next_look(seen)
         finally:
             self._task = None
+
+    async def _next_look(self, seen: int) -> None:
+        """Wait before the next query: ``interval``, or on SQLite until the store's next commit
+        (looked at every ``CommitWatch.tick``; a second at most)."""
+        commits = self._commits
+        if commits is None:
+            await asyncio.sleep(self.interval)
+            return
+        deadline = time.monotonic() + 1.0
+        while self._waiting and time.monotonic() < deadline:
+            await asyncio.sleep(commits.tick)
+            if commits.version() != seen:  # a few microseconds: no need to leave the event loop
+                return
 
     def _query(self, uids: list[str], ids: list[int]) -> list[tuple[int, str, str, str | None, str | None]]:
         if self._engine is None:
             self._engine = db.make_engine(self.database_url, pool_size=1)
+            self._commits = CommitWatch.of(self._engine)
         out: list[tuple[int, str, str, str | None, str | None]] = []
         cols = (messages.c.id, messages.c.uid, messages.c.status, messages.c.error_step, messages.c.error)
         with self._engine.connect() as conn:

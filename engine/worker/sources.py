@@ -30,7 +30,7 @@ from sqlalchemy import Engine, delete, insert, select
 from engine.hl7.charsets import clean
 from engine.hl7.header import read_header
 from engine.observe import get_logger
-from engine.queue.dbqueue import CommitWatch
+from engine.store.commits import CommitWatch
 from engine.store.schema import messages, queue_entries
 from engine.worker.processor import NotCommittedYet, Outcome, Processor, RetryLater
 
