@@ -323,6 +323,8 @@ def test_commit_watch_wakes_an_idle_worker_on_the_next_commit(tmp_path: Path) ->
         started = time.monotonic()
         watch.wait(seen, stop, 60.0)
         assert stop.is_set() and time.monotonic() - started < 30  # woken by stop
+        watch.close()  # a version that cannot be read is -1: the caller reads the queue, not crash
+        assert watch.version() == -1
     finally:
         watch.close()
         engine.dispose()

@@ -14,11 +14,11 @@ from sqlalchemy import Engine
 
 
 class CommitWatch:
-    """Tells a worker, within milliseconds, that something was committed to an SQLite store, so it
-    reads the queue then instead of polling it with growing sleeps (which kept a message waiting up
-    to 0.25 s at low traffic). ``PRAGMA data_version`` on a connection of its own changes whenever
-    another connection commits; it reads the WAL index in shared memory (about 3 µs here) and takes
-    no lock the receiving path waits for.
+    """Tells a worker (or the listener), within milliseconds, that something was committed to an
+    SQLite store, so that it reads the queue (or the outcomes) then, instead of polling with sleeps
+    (which kept a message waiting up to 0.25 s at low traffic). ``PRAGMA data_version`` on a
+    connection of its own changes whenever another connection commits; it reads the WAL index in
+    shared memory (about 3 µs here) and takes no lock the receiving path waits for.
 
     It is asked every ``tick`` seconds while commits keep coming, and every ``slowest`` seconds
     once there was none for ``quiet`` seconds, so that an idle worker does not wake 200 times a
@@ -26,7 +26,8 @@ class CommitWatch:
 
     def __init__(self, path: str, tick: float = 0.005, slowest: float = 0.05, quiet: float = 2.0) -> None:
         self.tick, self.slowest, self.quiet = tick, slowest, quiet
-        self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=1)
+        # no busy wait: the listener asks from its event loop, which must never block
+        self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=0)
         self._changed = time.monotonic()
 
     @classmethod
@@ -38,8 +39,13 @@ class CommitWatch:
         return cls(database)
 
     def version(self) -> int:
-        row = self._conn.execute("PRAGMA data_version").fetchone()
-        return int(row[0]) if row else 0
+        """The store's data version, or -1 when it cannot be read now (busy, closed, gone): callers
+        then read the store itself, whose errors they handle, as after a commit."""
+        try:
+            row = self._conn.execute("PRAGMA data_version").fetchone()
+        except sqlite3.Error:
+            return -1
+        return int(row[0]) if row else -1
 
     def wait(self, since: int, stop: threading.Event, timeout: float) -> None:
         """Return once the version is no longer ``since`` (a commit by another connection), when
