@@ -28,7 +28,8 @@ class CommitWatch:
         self.tick, self.slowest, self.quiet = tick, slowest, quiet
         # no busy wait: the listener asks from its event loop, which must never block
         self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=0)
-        self._changed = time.monotonic()
+        self._changed = time.monotonic()  # when the version was last seen to change
+        self._last = -1
 
     @classmethod
     def of(cls, engine: Engine) -> CommitWatch | None:
@@ -45,7 +46,10 @@ class CommitWatch:
             row = self._conn.execute("PRAGMA data_version").fetchone()
         except sqlite3.Error:
             return -1
-        return int(row[0]) if row else -1
+        version = int(row[0]) if row else -1
+        if version != self._last:  # busy: the fast ticks go on while the store keeps changing
+            self._last, self._changed = version, time.monotonic()
+        return version
 
     def wait(self, since: int, stop: threading.Event, timeout: float) -> None:
         """Return once the version is no longer ``since`` (a commit by another connection), when
@@ -59,7 +63,6 @@ class CommitWatch:
             if stop.wait(min(tick, deadline - now)):
                 return
             if self.version() != since:
-                self._changed = time.monotonic()
                 return
 
     def close(self) -> None:

@@ -58,11 +58,11 @@ def retrying(process: Callable[[], T], stop: threading.Event, sleep: Callable[[f
     """Run ``process`` until it does not raise RetryLater (None if stopped first).
 
     A message row not committed yet (NotCommittedYet) is the normal race between the store writer's
-    commit and the broker's delivery, over within milliseconds: it is retried after 5 ms, doubling,
-    and logged (as a warning) only once it has lasted a second. Any other transient failure waits
+    commit and the broker's delivery, over within milliseconds: it is retried after 5 ms, doubling
+    up to 5 s, and logged (as a warning) only once it has lasted a second. Any other transient failure waits
     0.1 s, doubling up to 10 s, and is logged each time."""
     backoff = Backoff()
-    soon = Backoff(0.005, 1.0)
+    soon = Backoff(0.005, 5.0)
     waited = 0.0
     while not stop.is_set():
         try:
