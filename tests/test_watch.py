@@ -99,3 +99,39 @@ def test_on_sqlite_the_next_commit_wakes_the_watcher(tmp_path: Any) -> None:
 
     assert asyncio.run(scenario()) == Processed("processed")
     engine.dispose()
+
+
+def test_on_postgresql_a_workers_notify_wakes_the_watcher(postgres_url: str) -> None:
+    """On PostgreSQL the watcher LISTENs: the NOTIFY a worker sends with the commit of an outcome
+    wakes it, long before its (here, minute-long) interval."""
+    from sqlalchemy import text
+
+    from engine.store import db
+    from engine.store.commits import OUTCOMES
+
+    db.upgrade(postgres_url)
+    engine = db.make_engine(postgres_url)
+    add(engine, "n1")
+
+    def decide() -> None:
+        with engine.begin() as conn:
+            conn.execute(update(messages).where(messages.c.uid == "n1").values(status="processed"))
+            conn.execute(text(f"NOTIFY {OUTCOMES}"))
+
+    async def scenario() -> Processed:
+        watcher = ProcessWatcher(postgres_url, interval=60.0)
+        done: asyncio.Future[Processed] = asyncio.get_running_loop().create_future()
+        watcher.watch(done.set_result, uid="n1")
+        try:
+            for _ in range(300):  # until the watcher listens (it starts once the store answered)
+                if watcher._notices is not None:
+                    break
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.5)  # LISTEN is sent by the notices' thread
+            await asyncio.to_thread(decide)
+            return await asyncio.wait_for(done, 30)  # the interval alone would take 60 s
+        finally:
+            await watcher.close()
+
+    assert asyncio.run(scenario()) == Processed("processed")
+    engine.dispose()

@@ -366,6 +366,30 @@ def test_prepared_statements_survive_from_batch_to_batch(postgres_url: str) -> N
     p.engine.dispose()
 
 
+def test_a_batch_deciding_a_processed_mode_channel_notifies_on_postgresql(postgres_url: str) -> None:
+    """Listeners of `ack.after: processed` channels LISTEN for the workers' outcomes: a batch with a
+    message of such a channel sends NOTIFY with its commit; other batches send nothing."""
+    import psycopg
+
+    from engine.store.commits import OUTCOMES
+
+    db.upgrade(postgres_url)
+    fake = FakeRecord()
+    p = processor(postgres_url, fake)
+    conninfo = postgres_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(conninfo, autocommit=True) as listener:
+        listener.execute(f"LISTEN {OUTCOMES}")
+        (uid,) = store(postgres_url, [oru("NT1", "P1")])
+        assert p.process_batch([(uid, None)])[0].status == "processed"
+        assert list(listener.notifies(timeout=0.5)) == [], "no channel waits for outcomes"
+        p.notify_channels = frozenset({"lab"})
+        (uid,) = store(postgres_url, [oru("NT2", "P2", "POISON")])  # an error is an outcome too (AE)
+        assert p.process_batch([(uid, None)])[0].status == "error"
+        got = list(listener.notifies(timeout=5, stop_after=1))
+        assert [n.channel for n in got] == [OUTCOMES]
+    p.engine.dispose()
+
+
 def test_one_batch_reads_once_and_marks_every_message(url: str) -> None:
     """A batch with a poisoned message, a later message of its patient, a duplicate delivery and an
     unknown uid: each gets its outcome, status and event; the poisoned patient is parked for the

@@ -1,7 +1,8 @@
-"""Knowing, within milliseconds, that another connection committed to an SQLite store.
+"""Knowing, within milliseconds, that another connection committed to the store.
 
 Embedded mode has no broker to push work: a worker waiting for the queue, or the listener waiting
 for a processing outcome (``ack.after: processed``), would otherwise poll the database with sleeps.
+On SQLite, ``CommitWatch``; on PostgreSQL, the listener's ``Notices`` (LISTEN/NOTIFY).
 """
 
 from __future__ import annotations
@@ -9,8 +10,13 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, make_url
+
+from engine.observe import get_logger
+
+log = get_logger("engine.store")
 
 
 class CommitWatch:
@@ -67,3 +73,46 @@ class CommitWatch:
 
     def close(self) -> None:
         self._conn.close()
+
+
+OUTCOMES = "hl7engine_outcomes"  # NOTIFY channel: processing outcomes were committed (PostgreSQL)
+
+
+class Notices:
+    """PostgreSQL's counterpart for the listener: ``LISTEN`` on a connection of its own, in a thread
+    of its own, calling ``wake`` for each notification on ``channel`` (workers send one with the
+    commit of a batch that decided messages of an ``ack.after: processed`` channel), and once after
+    every (re)connection, for what was committed while nobody listened. It reconnects by itself; the
+    caller keeps its own polling as the safety net, so a lost notification only costs latency."""
+
+    def __init__(self, url: str, channel: str, wake: Callable[[], None]) -> None:
+        self.conninfo = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+        self.channel, self.wake = channel, wake
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="outcome-notices", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        import psycopg
+
+        delay = 0.5
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(self.conninfo, autocommit=True, connect_timeout=3) as conn:
+                    conn.execute(f"LISTEN {self.channel}")
+                    delay = 0.5
+                    self.wake()
+                    while not self._stop.is_set():
+                        for _ in conn.notifies(timeout=0.5):
+                            self.wake()
+            except Exception as exc:
+                log.debug("listening for outcomes failed", error=str(exc)[:200])
+                self._stop.wait(delay)
+                delay = min(delay * 2, 10.0)

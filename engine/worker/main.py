@@ -76,6 +76,7 @@ def build_processor(root: Path, settings: Settings) -> Processor:
     # on SQLite, reads before the write transaction go through an engine that does not take the write lock
     reader = db.make_engine(url, pool_size=1) if db.is_sqlite(url) else None
     processor = Processor(engine, Router(routes), map_message, apply_facts, timezones, validated, apply_many, reader)
+    processor.notify_channels = frozenset(ch.name for ch in project.channels if ch.config.ack.after == "processed")
     appacks = AppAcks((ch.name, ch.config) for ch in project.channels)
     processor.appacks = appacks if appacks else None
     forwards = Forwards(routes)

@@ -30,6 +30,7 @@ from engine.hl7.message import Message
 from engine.observe import get_logger
 from engine.outbound.appack import AppAcks
 from engine.outbound.forward import Forwards
+from engine.store.commits import OUTCOMES
 from engine.store.keys import Key, search_keys, write_keys
 from engine.store.schema import message_events, messages, outbound, parked_patients
 from engine.worker.metrics import Reporter
@@ -93,6 +94,9 @@ class Processor:
         self.timezones = timezones  # channel -> timezone
         self.appacks: AppAcks | None = None  # enhanced-mode channels that send application ACKs
         self.forwards: Forwards | None = None  # routes with mllp or file destinations
+        # channels with `ack.after: processed`: on PostgreSQL a batch that decides one of their
+        # messages sends NOTIFY (engine.store.commits.OUTCOMES) with its commit, for the listener
+        self.notify_channels: frozenset[str] = frozenset()
 
     def process(self, uid: str, *, after: Callable[[Connection], None] | None = None) -> Outcome:
         """Process the message ``uid``; ``after(conn)`` runs in the same transaction before the commit
@@ -126,6 +130,7 @@ class Processor:
                 self._write_marks(conn, batch.marks)
                 self._write_outbound(conn, batch)
                 write_keys(conn, batch.search)
+                self._notify(conn, batch)
         except DBAPIError as exc:
             if self.reporter is not None:
                 self.reporter.retry()
@@ -419,6 +424,14 @@ class Processor:
                                              for uid, m in last.items() if uid in batch.rows), datetime.now(UTC))
         if rows:
             conn.execute(insert(outbound), rows)
+
+    def _notify(self, conn: Connection, batch: _Batch) -> None:
+        """Tell listeners waiting for outcomes (``ack.after: processed``) to look now, not at their
+        next poll: PostgreSQL delivers the NOTIFY with the commit (SQLite listeners watch the file)."""
+        if not self.notify_channels or conn.dialect.name != "postgresql":
+            return
+        if any(batch.rows[m["b_uid"]].channel in self.notify_channels for m in batch.marks if m["b_uid"] in batch.rows):
+            conn.exec_driver_sql(f"NOTIFY {OUTCOMES}")
 
     @staticmethod
     def _write_marks(conn: Connection, marks: list[dict[str, Any]]) -> None:
