@@ -17,6 +17,7 @@ services on 127.0.0.1; a fresh database and queue names per run), or on the embe
     python bench/e2e.py --messages 6000 --workers 2 --rate 250 --ack-after processed
     python bench/e2e.py --messages 6000 --workers 2 --rate 250 --application-acks
     python bench/e2e.py --messages 6000 --workers 2 --rate 250 --forward
+    python bench/e2e.py --messages 400 --workers 1 --no-broker --rate 20   # PostgreSQL, embedded queue
 
 With ``--forward`` the ORU route also forwards each processed message to an ``mllp`` destination: a
 listener this script runs (answering AA); it reports receipt -> forward received, p50/p99.
@@ -159,6 +160,8 @@ def main() -> None:
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--embedded", action="store_true", help="SQLite store and queue instead of PostgreSQL + RabbitMQ")
+    ap.add_argument("--no-broker", action="store_true",
+                    help="PostgreSQL store with the embedded queue (its queue_entries table) instead of RabbitMQ")
     ap.add_argument("--rate", type=float, default=0.0,
                     help="send at this many msgs/s (0: as fast as ACKs come); receipt->commit latency means "
                          "something only below the end-to-end peak, e.g. at half of it")
@@ -191,8 +194,10 @@ def main() -> None:
         with psycopg.connect(PG_ADMIN, autocommit=True) as c:
             c.execute(f'CREATE DATABASE "{dbname}"')
         url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{dbname}"
-        queue = f"hl7e2e.{uuid.uuid4().hex[:8]}"
-        env.update(HL7ENGINE_DATABASE_URL=url, HL7ENGINE_BROKER_URL=AMQP, HL7ENGINE_QUEUE_NAME=queue)
+        env.update(HL7ENGINE_DATABASE_URL=url)
+        if not args.no_broker:
+            queue = f"hl7e2e.{uuid.uuid4().hex[:8]}"
+            env.update(HL7ENGINE_BROKER_URL=AMQP, HL7ENGINE_QUEUE_NAME=queue)
     exe = str(Path(sys.executable).with_name("hl7engine"))
     listen = subprocess.Popen([exe, "listen", "--config", str(cfg)], env=env, start_new_session=True)
     work = subprocess.Popen([exe, "work", "--config", str(cfg), "--workers", str(args.workers)], env=env,
@@ -231,7 +236,8 @@ def main() -> None:
         statuses: dict[str, int] = {}
         for r in rows:
             statuses[r.status] = statuses.get(r.status, 0) + 1
-        print(f"end to end ({'embedded' if args.embedded else 'PostgreSQL + RabbitMQ'}, {args.workers} worker "
+        setup = "embedded" if args.embedded else "PostgreSQL, no broker" if args.no_broker else "PostgreSQL + RabbitMQ"
+        print(f"end to end ({setup}, {args.workers} worker "
               f"process(es)): {len(processed)} ORU (10 OBX) in {span:.2f}s = {len(processed) / span:,.0f} msgs/s, "
               f"{obs / span:,.0f} observations/s; receipt->commit (warm-up excluded) "
               f"p50 {percentile(lat, 0.50):.1f} ms, "

@@ -30,7 +30,7 @@ from engine.store.schema import message_events, messages, parked_patients, queue
 from engine.worker.processor import NotCommittedYet, Processor, RetryLater
 from engine.worker.replay import release
 from engine.worker.router import MessageKey, Router
-from engine.worker.sources import retrying, run_db_queue
+from engine.worker.sources import Backoff, retrying, run_db_queue
 
 ROUTES = RoutesConfig.model_validate({
     "routes": [
@@ -328,6 +328,43 @@ def test_commit_watch_wakes_an_idle_worker_on_the_next_commit(tmp_path: Path) ->
     finally:
         watch.close()
         engine.dispose()
+
+
+def test_on_postgresql_without_a_broker_the_store_writers_notify_wakes_an_idle_worker(postgres_url: str) -> None:
+    """The embedded queue on PostgreSQL: the store writer's transaction sends NOTIFY with the queue
+    entries, and an idle worker reads the queue then, not after its backoff (here, a minute)."""
+    import psycopg
+
+    from engine.store.commits import QUEUED
+
+    db.upgrade(postgres_url)
+    conninfo = postgres_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(conninfo, autocommit=True) as listener:
+        listener.execute(f"LISTEN {QUEUED}")
+        store(postgres_url, [oru("Q0", "P0")])
+        assert [n.channel for n in listener.notifies(timeout=5, stop_after=1)] == [QUEUED]
+    fake = FakeRecord()
+    p = processor(postgres_url, fake)
+    stop = threading.Event()
+    t = threading.Thread(target=run_db_queue, args=(p, p.engine, stop), kwargs={"idle": Backoff(60.0, 60.0)})
+    t.start()
+    try:
+        for _ in range(3000):  # Q0 first
+            if fake.applied.get("P0"):
+                break
+            time.sleep(0.01)
+        time.sleep(0.5)  # idle now, for a minute unless woken
+        store(postgres_url, [oru("Q1", "P1")])
+        for _ in range(3000):
+            if fake.applied.get("P1"):
+                break
+            time.sleep(0.01)
+        assert fake.applied.get("P1") == ["Q1"], "the NOTIFY woke the worker (its backoff alone: a minute)"
+    finally:
+        stop.set()
+        t.join(30)
+    assert not t.is_alive()
+    p.engine.dispose()
 
 
 def test_prepared_statements_survive_from_batch_to_batch(postgres_url: str) -> None:

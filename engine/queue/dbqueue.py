@@ -1,7 +1,8 @@
 """The embedded queue: rows in ``queue_entries``, in the message store's own database.
 
 Used when no broker is configured. The queue entry is written in the same transaction as the
-message row, so a message is durable and queued at the same instant, before the ACK.
+message row, so a message is durable and queued at the same instant, before the ACK. On PostgreSQL
+the transaction also sends ``NOTIFY hl7engine_queued``, which idle workers listen for.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from sqlalchemy import Connection
 
 from engine.intake.item import Record
 from engine.store.bulk import insert_rows
+from engine.store.commits import QUEUED
 from engine.store.schema import queue_entries
 
 
@@ -37,6 +39,8 @@ class DatabaseQueue:
         cursor = conn.connection.cursor()
         try:
             insert_rows(cursor, conn.dialect.paramstyle, queue_entries, self.COLUMNS, rows)
+            if conn.dialect.name == "postgresql":  # delivered with the commit: idle workers look now
+                cursor.execute(f"NOTIFY {QUEUED}")
         finally:
             cursor.close()
 

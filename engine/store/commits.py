@@ -76,14 +76,17 @@ class CommitWatch:
 
 
 OUTCOMES = "hl7engine_outcomes"  # NOTIFY channel: processing outcomes were committed (PostgreSQL)
+QUEUED = "hl7engine_queued"  # NOTIFY channel: messages were queued in the embedded queue (PostgreSQL)
 
 
 class Notices:
-    """PostgreSQL's counterpart for the listener: ``LISTEN`` on a connection of its own, in a thread
-    of its own, calling ``wake`` for each notification on ``channel`` (workers send one with the
-    commit of a batch that decided messages of an ``ack.after: processed`` channel), and once after
-    every (re)connection, for what was committed while nobody listened. It reconnects by itself; the
-    caller keeps its own polling as the safety net, so a lost notification only costs latency."""
+    """PostgreSQL's counterpart: ``LISTEN`` on a connection of its own, in a thread of its own,
+    calling ``wake`` for each notification on ``channel`` and once after every (re)connection, for
+    what was committed while nobody listened. Workers send OUTCOMES with the commit of a batch that
+    decided messages of an ``ack.after: processed`` channel (for the listener); the store writer
+    sends QUEUED with the commit of messages put in the embedded queue (for the workers, when the
+    store is PostgreSQL and there is no broker). It reconnects by itself; callers keep their own
+    polling as the safety net, so a lost notification only costs latency."""
 
     def __init__(self, url: str, channel: str, wake: Callable[[], None]) -> None:
         self.conninfo = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)

@@ -30,7 +30,7 @@ from sqlalchemy import Engine, delete, insert, select
 from engine.hl7.charsets import clean
 from engine.hl7.header import read_header
 from engine.observe import get_logger
-from engine.store.commits import CommitWatch
+from engine.store.commits import QUEUED, CommitWatch, Notices
 from engine.store.schema import messages, queue_entries
 from engine.worker.processor import NotCommittedYet, Outcome, Processor, RetryLater
 
@@ -81,22 +81,30 @@ def retrying(process: Callable[[], T], stop: threading.Event, sleep: Callable[[f
 
 
 def run_db_queue(processor: Processor, engine: Engine, stop: threading.Event, *, index: int = 0, count: int = 1,
-                 batch: int = BATCH, on_outcome: Callable[[Outcome], None] | None = None) -> None:
+                 batch: int = BATCH, on_outcome: Callable[[Outcome], None] | None = None,
+                 idle: Backoff | None = None) -> None:
     """Consume the embedded queue until ``stop`` is set: up to ``batch`` messages per transaction.
 
     When the queue is empty: on SQLite, wait for the next commit to the store (``CommitWatch``, at
-    most a second between reads); elsewhere, sleep 10 ms, doubling up to 0.25 s."""
+    most a second between reads); on PostgreSQL, for the store writer's NOTIFY (``Notices``) or
+    ``idle`` (default 10 ms, doubling up to 0.25 s), whichever comes first."""
     q = select(queue_entries.c.id, queue_entries.c.message_uid).order_by(queue_entries.c.id).limit(batch)
     if count > 1:
         q = q.where((queue_entries.c.partition % count) == index)
-    idle = Backoff(0.01, 0.25)
+    idle = idle if idle is not None else Backoff(0.01, 0.25)
     # the queue is read through the processor's reader: on SQLite an engine whose transactions do
     # not take the write lock (the worker's own begins BEGIN IMMEDIATE)
     reader = processor.reader if engine is processor.engine else engine
     watch = CommitWatch.of(reader)
+    queued = threading.Event()  # set by the store writer's NOTIFY (PostgreSQL)
+    notices = None
+    if reader.dialect.name == "postgresql":
+        notices = Notices(reader.url.render_as_string(hide_password=False), QUEUED, queued.set)
+        notices.start()
     try:
         while not stop.is_set():
             seen = watch.version() if watch is not None else 0
+            queued.clear()  # a NOTIFY from now on ends the wait after this read
             try:
                 with reader.connect() as conn:
                     rows = conn.execute(q).all()
@@ -107,6 +115,10 @@ def run_db_queue(processor: Processor, engine: Engine, stop: threading.Event, *,
             if not rows:
                 if watch is not None:
                     watch.wait(seen, stop, 1.0)
+                elif notices is not None:
+                    until = time.monotonic() + idle.next()
+                    while not (queued.is_set() or stop.is_set()) and time.monotonic() < until:
+                        queued.wait(min(0.25, max(0.0, until - time.monotonic())))
                 else:
                     stop.wait(idle.next())
                 continue
@@ -115,6 +127,8 @@ def run_db_queue(processor: Processor, engine: Engine, stop: threading.Event, *,
     finally:
         if watch is not None:
             watch.close()
+        if notices is not None:
+            notices.stop()
 
 
 def _process_entries(processor: Processor, rows: Sequence[Any], stop: threading.Event,
