@@ -123,8 +123,8 @@ def test_on_postgresql_a_workers_notify_wakes_the_watcher(postgres_url: str) -> 
         done: asyncio.Future[Processed] = asyncio.get_running_loop().create_future()
         watcher.watch(done.set_result, uid="n1")
         try:
-            for _ in range(300):  # until the watcher listens (it starts once the store answered)
-                if watcher._notices is not None:
+            for _ in range(300):  # until the watcher listens (it starts with its first query)
+                if watcher._signal is not None:
                     break
                 await asyncio.sleep(0.01)
             await asyncio.sleep(0.5)  # LISTEN is sent by the notices' thread

@@ -3,17 +3,18 @@
 The listener does not know where the workers run (in-process, ``hl7engine work`` on other hosts),
 but every worker writes its outcome into the message store. So the listener polls the store: one
 query every ``interval`` for all the messages it is waiting for, only while it waits for some, in
-a thread of its own so the event loop keeps answering other senders. On SQLite it queries at the
-store's next commit instead (``CommitWatch``, looked at every 5 ms, and at least once a second); on
-PostgreSQL also when a worker's NOTIFY says it decided messages of such a channel (``Notices``),
-so the ACK leaves within milliseconds of the worker's commit. A message is done when its status is
-final for the sender: processed or filtered (AA), error or held (AE).
+a thread of its own so the event loop keeps answering other senders. It queries sooner when it
+learns that a worker committed (``CommitSignal``: on SQLite any commit, looked at every 5 ms; on
+PostgreSQL a worker's NOTIFY that it decided messages of such a channel), so the ACK leaves within
+milliseconds of the worker's commit. A message is done when its status is final for the sender:
+processed or filtered (AA), error or held (AE).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from sqlalchemy import Engine, or_, select
 
 from engine.observe import get_logger
 from engine.store import db
-from engine.store.commits import OUTCOMES, CommitWatch, Notices
+from engine.store.commits import OUTCOMES, CommitSignal
 from engine.store.schema import messages
 
 log = get_logger("engine.intake")
@@ -59,9 +60,8 @@ class ProcessWatcher:
         self.interval = interval
         self._waiting: dict[tuple[str, str | int], list[Callback]] = {}  # ("uid", uid) or ("id", row id)
         self._engine: Engine | None = None
-        self._commits: CommitWatch | None = None  # SQLite: query at the next commit, not every interval
-        self._notices: Notices | None = None  # PostgreSQL: query when a worker's NOTIFY comes
-        self._woken: asyncio.Event | None = None
+        self._signal: CommitSignal | None = None  # query at the workers' next commit, not every interval
+        self._stop = threading.Event()  # ends a wait for that commit
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._failing_since = 0.0
@@ -97,12 +97,10 @@ class ProcessWatcher:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if self._commits is not None:
-            self._commits.close()
-            self._commits = None
-        if self._notices is not None:
-            await asyncio.to_thread(self._notices.stop)
-            self._notices = None
+        self._stop.set()
+        if self._signal is not None:
+            await asyncio.to_thread(self._signal.close)
+            self._signal = None
         if self._engine is not None:
             await asyncio.to_thread(self._engine.dispose)
             self._engine = None
@@ -112,9 +110,8 @@ class ProcessWatcher:
     async def _poll(self) -> None:
         try:
             while self._waiting:
-                seen = self._commits.version() if self._commits is not None else 0
-                if self._woken is not None:
-                    self._woken.clear()  # a NOTIFY from now on wakes the wait after this query
+                if self._signal is not None:
+                    self._signal.arm()  # a commit from now on ends the wait after this query
                 uids = [str(v) for kind, v in self._waiting if kind == "uid"]
                 ids = [int(v) for kind, v in self._waiting if kind == "id"]
                 try:
@@ -127,7 +124,6 @@ class ProcessWatcher:
                     await asyncio.sleep(max(self.interval, 0.5))
                     continue
                 self._failing_since = 0.0
-                self._listen()
                 for row_id, uid, status, step, reason in rows:
                     if status not in DONE:
                         continue
@@ -137,46 +133,17 @@ class ProcessWatcher:
                             callback(outcome)
                         except Exception:
                             log.exception("answering a processed message failed")
-                await self._next_look(seen)
+                if self._signal is None:
+                    await asyncio.sleep(self.interval)
+                else:  # the interval, unless a worker commits first (a thread waits, not the loop)
+                    await asyncio.to_thread(self._signal.wait, self._stop, self.interval)
         finally:
             self._task = None
-
-    async def _next_look(self, seen: int) -> None:
-        """Wait before the next query: ``interval``, or on SQLite until the store's next commit
-        (looked at every ``CommitWatch.tick``; a second at most)."""
-        commits = self._commits
-        if commits is None:
-            if self._woken is None:
-                await asyncio.sleep(self.interval)
-            else:  # PostgreSQL: the interval still, unless a worker's NOTIFY comes first
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._woken.wait(), self.interval)
-            return
-        deadline = time.monotonic() + 1.0
-        while self._waiting and time.monotonic() < deadline:
-            await asyncio.sleep(commits.tick)
-            if commits.version() != seen:  # a few microseconds: no need to leave the event loop
-                return
-
-    def _listen(self) -> None:
-        """On PostgreSQL, once the store answers: LISTEN for the workers' NOTIFY (engine.store.commits)."""
-        if self._notices is not None or self._closed or self._engine is None:
-            return
-        if self._engine.dialect.name != "postgresql":
-            return
-        loop = asyncio.get_running_loop()
-        woken = self._woken = asyncio.Event()
-
-        def wake() -> None:  # from the notices' thread
-            loop.call_soon_threadsafe(woken.set)
-
-        self._notices = Notices(self.database_url, OUTCOMES, wake)
-        self._notices.start()
 
     def _query(self, uids: list[str], ids: list[int]) -> list[tuple[int, str, str, str | None, str | None]]:
         if self._engine is None:
             self._engine = db.make_engine(self.database_url, pool_size=1)
-            self._commits = CommitWatch.of(self._engine)
+            self._signal = CommitSignal(self._engine, OUTCOMES)
         out: list[tuple[int, str, str, str | None, str | None]] = []
         cols = (messages.c.id, messages.c.uid, messages.c.status, messages.c.error_step, messages.c.error)
         with self._engine.connect() as conn:

@@ -2,7 +2,8 @@
 
 Embedded mode has no broker to push work: a worker waiting for the queue, or the listener waiting
 for a processing outcome (``ack.after: processed``), would otherwise poll the database with sleeps.
-On SQLite, ``CommitWatch``; on PostgreSQL, the listener's ``Notices`` (LISTEN/NOTIFY).
+``CommitSignal`` is what they use: on SQLite a ``CommitWatch``, on PostgreSQL ``Notices``
+(LISTEN/NOTIFY), elsewhere plain sleeps.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ class Notices:
         self.conninfo = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
         self.channel, self.wake = channel, wake
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="outcome-notices", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"listen-{channel}", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -116,6 +117,45 @@ class Notices:
                         for _ in conn.notifies(timeout=0.5):
                             self.wake()
             except Exception as exc:
-                log.debug("listening for outcomes failed", error=str(exc)[:200])
+                log.debug("LISTEN failed", channel=self.channel, error=str(exc)[:200])
                 self._stop.wait(delay)
                 delay = min(delay * 2, 10.0)
+
+
+class CommitSignal:
+    """Waiting for the store's next commit, whatever the database: ``arm()`` before reading the
+    store, then ``wait(stop, timeout)`` when the read found nothing to do. It returns at the first
+    commit after ``arm()`` (SQLite: any commit, seen by a CommitWatch; PostgreSQL: a NOTIFY on
+    ``channel``), when ``stop`` is set, or after ``timeout`` seconds, the caller's safety net. A
+    CommitWatch misses no commit, so on SQLite the safety read comes once a second at most often."""
+
+    def __init__(self, engine: Engine, channel: str) -> None:
+        self._watch = CommitWatch.of(engine)
+        self._seen = 0
+        self._notified = threading.Event()
+        self._notices: Notices | None = None
+        if engine.dialect.name == "postgresql":
+            self._notices = Notices(engine.url.render_as_string(hide_password=False), channel, self._notified.set)
+            self._notices.start()
+
+    def arm(self) -> None:
+        if self._watch is not None:
+            self._seen = self._watch.version()
+        self._notified.clear()
+
+    def wait(self, stop: threading.Event, timeout: float) -> None:
+        if self._watch is not None:
+            self._watch.wait(self._seen, stop, max(timeout, 1.0))
+            return
+        if self._notices is None:
+            stop.wait(timeout)
+            return
+        until = time.monotonic() + timeout
+        while not (self._notified.is_set() or stop.is_set()) and time.monotonic() < until:
+            self._notified.wait(min(0.25, max(0.0, until - time.monotonic())))
+
+    def close(self) -> None:
+        if self._watch is not None:
+            self._watch.close()
+        if self._notices is not None:
+            self._notices.stop()

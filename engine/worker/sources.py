@@ -30,7 +30,7 @@ from sqlalchemy import Engine, delete, insert, select
 from engine.hl7.charsets import clean
 from engine.hl7.header import read_header
 from engine.observe import get_logger
-from engine.store.commits import QUEUED, CommitWatch, Notices
+from engine.store.commits import QUEUED, CommitSignal
 from engine.store.schema import messages, queue_entries
 from engine.worker.processor import NotCommittedYet, Outcome, Processor, RetryLater
 
@@ -85,9 +85,9 @@ def run_db_queue(processor: Processor, engine: Engine, stop: threading.Event, *,
                  idle: Backoff | None = None) -> None:
     """Consume the embedded queue until ``stop`` is set: up to ``batch`` messages per transaction.
 
-    When the queue is empty: on SQLite, wait for the next commit to the store (``CommitWatch``, at
-    most a second between reads); on PostgreSQL, for the store writer's NOTIFY (``Notices``) or
-    ``idle`` (default 10 ms, doubling up to 0.25 s), whichever comes first."""
+    When the queue is empty, wait for the store's next commit (``CommitSignal``: on SQLite any
+    commit, at most a second between reads; on PostgreSQL the store writer's NOTIFY) or ``idle``
+    (default 10 ms, doubling up to 0.25 s), whichever comes first."""
     q = select(queue_entries.c.id, queue_entries.c.message_uid).order_by(queue_entries.c.id).limit(batch)
     if count > 1:
         q = q.where((queue_entries.c.partition % count) == index)
@@ -95,16 +95,10 @@ def run_db_queue(processor: Processor, engine: Engine, stop: threading.Event, *,
     # the queue is read through the processor's reader: on SQLite an engine whose transactions do
     # not take the write lock (the worker's own begins BEGIN IMMEDIATE)
     reader = processor.reader if engine is processor.engine else engine
-    watch = CommitWatch.of(reader)
-    queued = threading.Event()  # set by the store writer's NOTIFY (PostgreSQL)
-    notices = None
-    if reader.dialect.name == "postgresql":
-        notices = Notices(reader.url.render_as_string(hide_password=False), QUEUED, queued.set)
-        notices.start()
+    signal = CommitSignal(reader, QUEUED)
     try:
         while not stop.is_set():
-            seen = watch.version() if watch is not None else 0
-            queued.clear()  # a NOTIFY from now on ends the wait after this read
+            signal.arm()
             try:
                 with reader.connect() as conn:
                     rows = conn.execute(q).all()
@@ -113,22 +107,12 @@ def run_db_queue(processor: Processor, engine: Engine, stop: threading.Event, *,
                 stop.wait(idle.next())
                 continue
             if not rows:
-                if watch is not None:
-                    watch.wait(seen, stop, 1.0)
-                elif notices is not None:
-                    until = time.monotonic() + idle.next()
-                    while not (queued.is_set() or stop.is_set()) and time.monotonic() < until:
-                        queued.wait(min(0.25, max(0.0, until - time.monotonic())))
-                else:
-                    stop.wait(idle.next())
+                signal.wait(stop, idle.next())
                 continue
             idle.reset()
             _process_entries(processor, rows, stop, on_outcome)
     finally:
-        if watch is not None:
-            watch.close()
-        if notices is not None:
-            notices.stop()
+        signal.close()
 
 
 def _process_entries(processor: Processor, rows: Sequence[Any], stop: threading.Event,
