@@ -135,3 +135,39 @@ def test_on_postgresql_a_workers_notify_wakes_the_watcher(postgres_url: str) -> 
 
     assert asyncio.run(scenario()) == Processed("processed")
     engine.dispose()
+
+
+def test_a_commit_watch_closed_while_another_thread_waits_on_it(tmp_path: Any) -> None:
+    """The watcher closes its CommitWatch from one thread while its wait may still be reading in
+    another (a cancelled asyncio.to_thread runs on): the reader gets -1 and returns, the process does
+    not crash (sqlite3 faults when a connection is closed under a running statement)."""
+    import sqlite3
+    import threading
+    import time
+
+    from engine.store.commits import CommitWatch
+
+    path = str(tmp_path / "w.db")
+    sqlite3.connect(path).execute("PRAGMA journal_mode=WAL").close()
+    for _ in range(100):
+        watch = CommitWatch(path, tick=0.0, slowest=0.0)
+        stop = threading.Event()
+        seen: list[int] = []
+
+        def read(w: CommitWatch = watch, out: list[int] = seen) -> None:
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                v = w.version()
+                if v == -1:
+                    out.append(v)
+                    return
+
+        reader = threading.Thread(target=read)
+        waiter = threading.Thread(target=watch.wait, args=(watch.version(), stop, 5.0))
+        reader.start()
+        waiter.start()
+        time.sleep(0.002)
+        watch.close()
+        reader.join(5)
+        waiter.join(5)
+        assert seen == [-1] and not waiter.is_alive(), "the reader saw the close; the wait returned"

@@ -35,6 +35,10 @@ class CommitWatch:
         self.tick, self.slowest, self.quiet = tick, slowest, quiet
         # no busy wait: the listener asks from its event loop, which must never block
         self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=0)
+        # close() may come from another thread while a wait() is still reading: sqlite3 crashes the
+        # process (a segmentation fault) when a connection is closed during a statement on it
+        self._lock = threading.Lock()
+        self._closed = False
         self._changed = time.monotonic()  # when the version was last seen to change
         self._last = -1
 
@@ -49,10 +53,13 @@ class CommitWatch:
     def version(self) -> int:
         """The store's data version, or -1 when it cannot be read now (busy, closed, gone): callers
         then read the store itself, whose errors they handle, as after a commit."""
-        try:
-            row = self._conn.execute("PRAGMA data_version").fetchone()
-        except sqlite3.Error:
-            return -1
+        with self._lock:
+            if self._closed:
+                return -1
+            try:
+                row = self._conn.execute("PRAGMA data_version").fetchone()
+            except sqlite3.Error:
+                return -1
         version = int(row[0]) if row else -1
         if version != self._last:  # busy: the fast ticks go on while the store keeps changing
             self._last, self._changed = version, time.monotonic()
@@ -67,13 +74,16 @@ class CommitWatch:
             if now >= deadline:
                 return
             tick = self.tick if now - self._changed < self.quiet else self.slowest
-            if stop.wait(min(tick, deadline - now)):
+            if stop.wait(min(tick, deadline - now)) or self._closed:
                 return
             if self.version() != since:
                 return
 
     def close(self) -> None:
-        self._conn.close()
+        """Close the watch's connection; safe while another thread is in ``wait`` (it returns)."""
+        with self._lock:
+            self._closed = True
+            self._conn.close()
 
 
 OUTCOMES = "hl7engine_outcomes"  # NOTIFY channel: processing outcomes were committed (PostgreSQL)
