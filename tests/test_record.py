@@ -146,6 +146,59 @@ def test_migration_creates_the_tables_and_matches_the_models(db_url: str) -> Non
             "rec_procedures", "rec_history"} == RECORD_TABLES
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_migration_0009_keeps_stored_facts_both_ways(backend: str, request: pytest.FixtureRequest,
+                                                     tmp_path: Any) -> None:
+    """0009 drops the facts' foreign key to rec_patients and makes fact columns json (PostgreSQL):
+    facts written before it read back the same after it, and after a downgrade to 0008."""
+    from alembic import command
+
+    url = f"sqlite:///{tmp_path / 'old.db'}" if backend == "sqlite" else request.getfixturevalue("postgres_url")
+    db.upgrade(url, "0008")
+    eng = db.make_engine(url)
+    try:
+        with eng.begin() as conn:
+            fks = inspect(conn).get_foreign_keys("rec_observations")
+            assert [fk["referred_table"] for fk in fks] == ["rec_patients"]
+            pid = conn.execute(rec_patients.insert().returning(rec_patients.c.id),
+                               {"fact": {"names": [{"family": "Иванов"}]}, "content_hash": "h", "version": 1,
+                                "message_uid": "m0", "message_time": T0, "created_at": T0, "updated_at": T0}
+                               ).scalar_one()
+            conn.execute(rec_observations.insert(), {
+                "patient_id": pid, "key": "ACC-1|718-7", "fact": {"value": {"quantity": {"value": "13.5"}}},
+                "status": "final", "content_hash": "h", "version": 1, "message_uid": "m0", "message_time": T0,
+                "created_at": T0, "updated_at": T0})
+    finally:
+        eng.dispose()
+
+    def facts() -> tuple[Any, Any, list[Any]]:
+        e = db.make_engine(url)
+        try:
+            with e.connect() as conn:
+                return (conn.execute(select(rec_patients.c.fact)).scalar_one(),
+                        conn.execute(select(rec_observations.c.fact, rec_observations.c.patient_id)).one()[0],
+                        inspect(conn).get_foreign_keys("rec_observations"))
+        finally:
+            e.dispose()
+
+    db.upgrade(url)
+    pat, obs, fks = facts()
+    assert pat == {"names": [{"family": "Иванов"}]} and obs == {"value": {"quantity": {"value": "13.5"}}}
+    assert fks == []
+    eng = db.make_engine(url)
+    try:
+        with eng.begin() as conn:
+            assert _diff(conn, record_metadata) == []
+            cfg = db.alembic_config(url)
+            cfg.attributes["connection"] = conn
+            command.downgrade(cfg, "0008")
+    finally:
+        eng.dispose()
+    pat, obs, fks = facts()
+    assert pat == {"names": [{"family": "Иванов"}]} and obs == {"value": {"quantity": {"value": "13.5"}}}
+    assert [fk["referred_table"] for fk in fks] == ["rec_patients"]
+
+
 def test_upgrade_is_idempotent(db_url: str) -> None:
     db.upgrade(db_url)
     assert db.current_revision(db_url) is not None
