@@ -16,6 +16,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Column, Connection, Engine, Integer, MetaData, func, inspect, select
+from sqlalchemy.exc import IntegrityError
 
 from engine.errors import EngineError
 from engine.record import facts as F
@@ -31,7 +32,7 @@ from engine.record.models import (
     rec_reports,
     record_metadata,
 )
-from engine.record.writer import ApplyResult, RecordConflict, RecordError, apply, db_key
+from engine.record.writer import COPY_FROM, ApplyResult, RecordConflict, RecordError, apply, bulk_insert, db_key
 from engine.store import db
 
 T0 = datetime(2026, 11, 22, 7, 15, tzinfo=UTC)
@@ -205,6 +206,25 @@ def test_upgrade_is_idempotent(db_url: str) -> None:
 
 
 # -- idempotence, corrections, order --------------------------------------------------------------
+
+@pytest.mark.parametrize("rows", [1, COPY_FROM])  # one INSERT; PostgreSQL: COPY
+def test_bulk_insert_raises_the_database_errors_as_sqlalchemy_does(engine: Engine, rows: int) -> None:
+    """A duplicate identifier is an IntegrityError however the rows were sent (the worker tells a
+    transient failure, which it retries, from one that fails the message by SQLAlchemy's classes)."""
+    def ident_rows(pid: int, start: int) -> list[dict[str, Any]]:
+        return [{"patient_id": pid, "namespace": "urn:oid:1.2.3.mrn", "value": f"MRN-{start + n}", "system": None,
+                 "type": "MR", "assigner": None, "message_uid": "m1", "created_at": T0} for n in range(rows)]
+
+    pid = write(engine, lab_message()).patient_id
+    assert pid is not None
+    with engine.begin() as conn:
+        bulk_insert(conn, rec_patient_identifiers, ident_rows(pid, 100))
+    with engine.connect() as conn, pytest.raises(IntegrityError) as caught:
+        bulk_insert(conn, rec_patient_identifiers, ident_rows(pid, 100 + rows - 1))  # the last one again
+    assert getattr(caught.value.orig, "sqlstate", "23505") == "23505"
+    with engine.connect() as conn:
+        assert count(conn, rec_patient_identifiers) == 1 + rows
+
 
 def test_first_write_inserts_everything(engine: Engine) -> None:
     r = write(engine, lab_message())

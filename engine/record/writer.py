@@ -35,7 +35,7 @@ from typing import Any
 import orjson
 from pydantic import BaseModel
 from sqlalchemy import JSON, Connection, Table, and_, bindparam, insert, literal, or_, select, union_all, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from engine.errors import EngineError
 from engine.record import facts as F
@@ -229,7 +229,7 @@ def _apply_wave(conn: Connection, items: list[tuple[F.MappedMessage, str, dateti
                          "system": ident.system, "type": _cut(ident.type, 16), "assigner": _cut(ident.assigner),
                          "message_uid": items[i][1], "created_at": now} for ident in missing]
     if identifiers:
-        conn.execute(insert(rec_patient_identifiers), identifiers)
+        bulk_insert(conn, rec_patient_identifiers, identifiers)
     known = [i for i, pid in enumerate(pids) if pid in stored_patient]
     outcomes = replace_many(conn, rec_patients, "patient", [
         Replacement(_id(pids[i]), dumped[i][0], dumped[i][1], {}, stored_patient[_id(pids[i])], items[i][1], when[i])
@@ -283,7 +283,11 @@ COPY_FROM = 20  # rows from which PostgreSQL gets them by COPY rather than by IN
 
 def bulk_insert(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
     """Insert rows (all with the same keys) in the caller's transaction: on PostgreSQL with COPY when
-    there are many (a third of the time of a pipelined INSERT per row), else one executemany INSERT."""
+    there are many (a third of the time of a pipelined INSERT per row), else one executemany INSERT.
+
+    The driver's errors during a COPY are raised as SQLAlchemy's (``IntegrityError``,
+    ``OperationalError`` ...), as the INSERT would raise them: the worker tells transient failures
+    (deadlock, lost connection), which it retries, from the record refusing a message by them."""
     if conn.dialect.name != "postgresql" or len(rows) < COPY_FROM:
         conn.execute(insert(table), rows)
         return
@@ -292,9 +296,15 @@ def bulk_insert(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> N
     raw = conn.connection.driver_connection
     assert raw is not None
     columns = ", ".join(f'"{n}"' for n in names)
-    with raw.cursor() as cur, cur.copy(f'COPY "{table.name}" ({columns}) FROM STDIN') as copy:
-        for row in rows:
-            copy.write_row([json_text(row[n]) if n in json_columns else row[n] for n in names])
+    sql = f'COPY "{table.name}" ({columns}) FROM STDIN'
+    dbapi = conn.dialect.loaded_dbapi
+    try:
+        with raw.cursor() as cur, cur.copy(sql) as copy:
+            for row in rows:
+                copy.write_row([json_text(row[n]) if n in json_columns else row[n] for n in names])
+    except dbapi.Error as exc:
+        raise DBAPIError.instance(sql, None, exc, dbapi.Error,
+                                  connection_invalidated=bool(getattr(raw, "closed", False))) from exc
 
 
 def _patient(mapped: F.MappedMessage) -> F.Patient:
