@@ -96,20 +96,19 @@ def write_keys(conn: Connection, keys: dict[int, list[Key]]) -> None:
     if name not in ("postgresql", "sqlite"):
         _write_portable(conn, keys)
         return
-    cursor = conn.connection.cursor()
-    try:
-        for start in range(0, len(cols[0]), 500):
-            chunk = [c[start:start + 500] for c in cols]
-            if name == "postgresql":  # four arrays, one statement whatever the count: prepared once
-                cursor.execute("INSERT INTO message_keys (message_id, kind, value, authority) "
-                               "SELECT * FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[]) "
-                               "ON CONFLICT DO NOTHING", chunk)
-            else:
-                n = len(chunk[0])
-                cursor.execute("INSERT OR IGNORE INTO message_keys (message_id, kind, value, authority) VALUES "
-                               + ", ".join(["(?, ?, ?, ?)"] * n), [v for row in zip(*chunk, strict=True) for v in row])
-    finally:
-        cursor.close()
+    # the driver's statement text, through SQLAlchemy: its errors arrive as SQLAlchemy's, which the
+    # worker sorts into transient (retried) and permanent
+    for start in range(0, len(cols[0]), 500):
+        chunk = [c[start:start + 500] for c in cols]
+        if name == "postgresql":  # four arrays, one statement whatever the count: prepared once
+            conn.exec_driver_sql("INSERT INTO message_keys (message_id, kind, value, authority) "
+                                 "SELECT * FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[]) "
+                                 "ON CONFLICT DO NOTHING", tuple(chunk))
+        else:
+            n = len(chunk[0])
+            conn.exec_driver_sql("INSERT OR IGNORE INTO message_keys (message_id, kind, value, authority) VALUES "
+                                 + ", ".join(["(?, ?, ?, ?)"] * n),
+                                 tuple(v for row in zip(*chunk, strict=True) for v in row))
 
 
 def _write_portable(conn: Connection, keys: dict[int, list[Key]]) -> None:

@@ -435,8 +435,21 @@ class Processor:
 
     @staticmethod
     def _write_marks(conn: Connection, marks: list[dict[str, Any]]) -> None:
-        """The batch's status changes (one executemany) and events (another)."""
+        """The batch's status changes and events: on PostgreSQL one statement each, from arrays;
+        elsewhere an executemany each."""
         if not marks:
+            return
+        if conn.dialect.name == "postgresql":
+            final = list({m["b_id"]: m for m in marks}.values())  # a message's last mark is its status
+            conn.exec_driver_sql(
+                "UPDATE messages SET status = u.status, error_step = u.step, error = u.error, updated_at = u.at "
+                "FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[], %s::timestamptz[]) "
+                "AS u(id, status, step, error, at) WHERE messages.id = u.id",
+                tuple([m[k] for m in final] for k in ("b_id", "b_status", "b_step", "b_error", "b_at")))
+            conn.exec_driver_sql(
+                "INSERT INTO message_events (message_id, at, status, step, detail) "
+                "SELECT * FROM unnest(%s::bigint[], %s::timestamptz[], %s::text[], %s::text[], %s::text[])",
+                tuple([m[k] for m in marks] for k in ("b_id", "b_at", "b_status", "b_step", "b_error")))
             return
         conn.execute(update(messages).where(messages.c.id == bindparam("b_id")).values(
             status=bindparam("b_status", type_=messages.c.status.type),
