@@ -226,6 +226,45 @@ def test_bulk_insert_raises_the_database_errors_as_sqlalchemy_does(engine: Engin
         assert count(conn, rec_patient_identifiers) == 1 + rows
 
 
+def test_bulk_insert_on_sqlite_stores_what_sqlalchemy_stores(tmp_path: Any) -> None:
+    """SQLite's bulk_insert converts values itself (multi-row INSERTs without SQLAlchemy's per-row
+    type processing): the stored text must be SQLAlchemy's, times before 1970 and in other zones
+    included, and a naive datetime is refused as UTCDateTime refuses it."""
+    from datetime import timezone
+
+    from sqlalchemy import insert, text
+
+    url = f"sqlite:///{tmp_path / 'bulk.db'}"
+    db.upgrade(url)
+    eng = db.make_engine(url)
+    times = [datetime(1965, 1, 1, 0, 0, 0, 500000, tzinfo=UTC), T0,
+             datetime(2026, 12, 7, 13, 1, 2, 999999, tzinfo=timezone(timedelta(hours=3)))]
+
+    def row(n: int, at: datetime, uid: str) -> dict[str, Any]:
+        return {"patient_id": 1, "key": f"{uid}-{n}", "fact": {"name": "Иванов", "n": [n, None, "x"]},
+                "report_key": None, "code": "718-7", "code_system": None, "alt_code": None,
+                "alt_code_system": None, "status": "final", "value_type": "quantity", "effective": at,
+                "issued": None, "content_hash": "h", "version": 1, "message_uid": uid, "message_time": at,
+                "created_at": at, "updated_at": at}
+
+    try:
+        with eng.begin() as conn:
+            conn.execute(insert(rec_observations), [row(n, at, "orm") for n, at in enumerate(times)])
+            bulk_insert(conn, rec_observations, [row(n, at, "bulk") for n, at in enumerate(times)])
+        with eng.connect() as conn:
+            stored = conn.execute(text("SELECT message_uid, fact, effective, issued, message_time FROM rec_observations"
+                                       " ORDER BY key")).all()
+            assert [tuple(r[1:]) for r in stored if r[0] == "bulk"] == [tuple(r[1:]) for r in stored if r[0] == "orm"]
+            read = conn.execute(select(rec_observations.c.effective, rec_observations.c.fact)
+                                .where(rec_observations.c.message_uid == "bulk")
+                                .order_by(rec_observations.c.key)).all()
+            assert [r.effective for r in read] == times and read[0].fact == {"name": "Иванов", "n": [0, None, "x"]}
+        with eng.begin() as conn, pytest.raises(ValueError, match="naive"):
+            bulk_insert(conn, rec_observations, [row(99, datetime(2026, 1, 1), "naive")])
+    finally:
+        eng.dispose()
+
+
 def test_first_write_inserts_everything(engine: Engine) -> None:
     r = write(engine, lab_message())
     assert counts(r, "patient") == (1, 0, 0, 0)

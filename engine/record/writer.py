@@ -25,6 +25,7 @@ Errors carry no patient data (no names, no identifier values).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Callable, Iterable
@@ -34,7 +35,21 @@ from typing import Any
 
 import orjson
 from pydantic import BaseModel
-from sqlalchemy import JSON, Connection, Table, and_, bindparam, insert, literal, or_, select, union_all, update
+from sqlalchemy import (
+    JSON,
+    Connection,
+    Integer,
+    String,
+    Table,
+    and_,
+    bindparam,
+    insert,
+    literal,
+    or_,
+    select,
+    union_all,
+    update,
+)
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from engine.errors import EngineError
@@ -48,7 +63,9 @@ from engine.record.models import (
     rec_patient_links,
     rec_patients,
 )
+from engine.store.bulk import MAX_ROWS_PER_STATEMENT, multirow_insert_sql
 from engine.store.db import json_text
+from engine.store.schema import UTCDateTime
 
 ASSIGNER_PREFIX = "assigner:"
 NAMESPACE_LENGTH, VALUE_LENGTH = 300, 250  # rec_patient_identifiers.namespace, .value
@@ -283,11 +300,19 @@ COPY_FROM = 20  # rows from which PostgreSQL gets them by COPY rather than by IN
 
 def bulk_insert(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
     """Insert rows (all with the same keys) in the caller's transaction: on PostgreSQL with COPY when
-    there are many (a third of the time of a pipelined INSERT per row), else one executemany INSERT.
+    there are many (a third of the time of a pipelined INSERT per row), else one executemany INSERT;
+    on SQLite with multi-row INSERTs of values converted here (SQLAlchemy's per-row type processing
+    of an executemany cost more than SQLite's work).
 
     The driver's errors during a COPY are raised as SQLAlchemy's (``IntegrityError``,
     ``OperationalError`` ...), as the INSERT would raise them: the worker tells transient failures
     (deadlock, lost connection), which it retries, from the record refusing a message by them."""
+    if not rows:
+        return
+    if conn.dialect.name == "sqlite":
+        if not _sqlite_insert(conn, table, rows):
+            conn.execute(insert(table), rows)
+        return
     if conn.dialect.name != "postgresql" or len(rows) < COPY_FROM:
         conn.execute(insert(table), rows)
         return
@@ -305,6 +330,47 @@ def bulk_insert(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> N
     except dbapi.Error as exc:
         raise DBAPIError.instance(sql, None, exc, dbapi.Error,
                                   connection_invalidated=bool(getattr(raw, "closed", False))) from exc
+
+
+def _sqlite_insert(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> bool:
+    """Insert on SQLite the rows of a table whose columns are all integers, text, JSON or UTC times,
+    in the form SQLAlchemy stores them; False (nothing done) for a table with any other type."""
+    names = tuple(rows[0])
+    convert: list[Callable[[Any], Any] | None] = []
+    for n in names:
+        t = table.c[n].type
+        if isinstance(t, JSON):
+            convert.append(json_text)
+        elif isinstance(t, UTCDateTime):
+            convert.append(_sqlite_utc)
+        elif isinstance(t, (Integer, String)):
+            convert.append(None)
+        else:
+            return False
+    plan = list(zip(names, convert, strict=True))
+    # through exec_driver_sql, not the driver's cursor: errors arrive as SQLAlchemy's
+    for start in range(0, len(rows), MAX_ROWS_PER_STATEMENT):
+        chunk = rows[start:start + MAX_ROWS_PER_STATEMENT]
+        values = [row[n] if f is None else f(row[n]) for row in chunk for n, f in plan]
+        conn.exec_driver_sql(multirow_insert_sql(table, names, "qmark", len(chunk)), tuple(values))
+    return True
+
+
+def _sqlite_utc(dt: datetime | None) -> str | None:
+    """A UTC column's value as SQLAlchemy keeps it in SQLite: naive UTC text with microseconds
+    (what ``UTCDateTime`` reads back); a naive datetime is refused, as ``UTCDateTime`` refuses it."""
+    if dt is None:
+        return None
+    if dt.tzinfo is None:
+        raise ValueError("naive datetime given to a UTC column")
+    return _utc_text(dt)
+
+
+@functools.lru_cache(maxsize=4096)  # a batch's rows share their times (now, each message's time)
+def _utc_text(dt: datetime) -> str:
+    u = dt.astimezone(UTC)
+    return (f"{u.year:04d}-{u.month:02d}-{u.day:02d} {u.hour:02d}:{u.minute:02d}:{u.second:02d}."
+            f"{u.microsecond:06d}")
 
 
 def _patient(mapped: F.MappedMessage) -> F.Patient:
