@@ -327,3 +327,21 @@ def _wire(raw: bytes, job_id: int) -> tuple[Any, ...]:
     h = read_header(raw, "utf-8")
     item = Item(new_uid(), "w", time.time(), "127.0.0.1:1", raw, h, "queued", "AA", b"ACK")
     return Job([item], lambda j: None, time.time() + 30).wire(job_id)
+
+
+def test_sqlite_time_is_sqlalchemys_text() -> None:
+    """The receiving path writes times without SQLAlchemy's per-row processing: its text must be
+    what SQLAlchemy writes (and reads back), before 1970 and in other zones too."""
+    from datetime import UTC, datetime, timedelta, timezone
+
+    from sqlalchemy.dialects import sqlite
+
+    from engine.store.bulk import sqlite_time
+
+    process = sqlite.DATETIME().bind_processor(sqlite.dialect())
+    assert process is not None
+    for dt in (datetime(1965, 1, 1, 0, 0, 0, 500000, tzinfo=UTC), datetime(1969, 12, 31, 23, 59, 59, 1, tzinfo=UTC),
+               datetime(1970, 1, 1, tzinfo=UTC), datetime(2026, 12, 7, 13, 1, 2, 999999, tzinfo=UTC),
+               datetime(2026, 12, 7, 16, 1, 2, 123456, tzinfo=timezone(timedelta(hours=3)))):
+        assert sqlite_time(dt) == process(dt.astimezone(UTC).replace(tzinfo=None)), dt
+    assert sqlite_time(None) is None

@@ -63,7 +63,7 @@ from engine.record.models import (
     rec_patient_links,
     rec_patients,
 )
-from engine.store.bulk import MAX_ROWS_PER_STATEMENT, multirow_insert_sql
+from engine.store.bulk import MAX_ROWS_PER_STATEMENT, multirow_insert_sql, sqlite_time
 from engine.store.db import json_text
 from engine.store.schema import UTCDateTime
 
@@ -366,11 +366,8 @@ def _sqlite_utc(dt: datetime | None) -> str | None:
     return _utc_text(dt)
 
 
-@functools.lru_cache(maxsize=4096)  # a batch's rows share their times (now, each message's time)
-def _utc_text(dt: datetime) -> str:
-    u = dt.astimezone(UTC)
-    return (f"{u.year:04d}-{u.month:02d}-{u.day:02d} {u.hour:02d}:{u.minute:02d}:{u.second:02d}."
-            f"{u.microsecond:06d}")
+# the receiving path's conversion, cached: a batch's rows share their times (now, each message's time)
+_utc_text = functools.lru_cache(maxsize=4096)(sqlite_time)
 
 
 def _patient(mapped: F.MappedMessage) -> F.Patient:

@@ -7,6 +7,7 @@ Table definitions and rows are passed as tuples already in the driver's types.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -34,7 +35,8 @@ def sqlite_time(dt: datetime | None) -> str | None:
     if dt is None:
         return None
     u = dt.astimezone(UTC) if dt.tzinfo is not UTC else dt
-    return f"{_second_text(int(u.timestamp()))}.{u.microsecond:06d}"
+    # floor, not int(): before 1970 int() of a timestamp with microseconds is the next second
+    return f"{_second_text(math.floor(u.timestamp()))}.{u.microsecond:06d}"
 
 
 @lru_cache(maxsize=4)
