@@ -63,7 +63,7 @@ from engine.record.models import (
     rec_patient_links,
     rec_patients,
 )
-from engine.store.bulk import MAX_ROWS_PER_STATEMENT, multirow_insert_sql, sqlite_time
+from engine.store.bulk import multirow_statements, sqlite_time
 from engine.store.db import json_text
 from engine.store.schema import UTCDateTime
 
@@ -348,11 +348,10 @@ def _sqlite_insert(conn: Connection, table: Table, rows: list[dict[str, Any]]) -
         else:
             return False
     plan = list(zip(names, convert, strict=True))
+    values = [tuple(row[n] if f is None else f(row[n]) for n, f in plan) for row in rows]
     # through exec_driver_sql, not the driver's cursor: errors arrive as SQLAlchemy's
-    for start in range(0, len(rows), MAX_ROWS_PER_STATEMENT):
-        chunk = rows[start:start + MAX_ROWS_PER_STATEMENT]
-        values = [row[n] if f is None else f(row[n]) for row in chunk for n, f in plan]
-        conn.exec_driver_sql(multirow_insert_sql(table, names, "qmark", len(chunk)), tuple(values))
+    for sql, params in multirow_statements(table, names, "qmark", values):
+        conn.exec_driver_sql(sql, tuple(params))
     return True
 
 

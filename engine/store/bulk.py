@@ -8,7 +8,7 @@ Table definitions and rows are passed as tuples already in the driver's types.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
@@ -69,10 +69,16 @@ def insert_rows(cursor: Any, paramstyle: str, table: Table, columns: tuple[str, 
     if paramstyle != "qmark":
         cursor.executemany(insert_sql(table, columns, paramstyle), rows)
         return
+    for sql, params in multirow_statements(table, columns, paramstyle, rows):
+        cursor.execute(sql, params)
+
+
+def multirow_statements(table: Table, columns: tuple[str, ...], paramstyle: str,
+                        rows: Sequence[tuple[Any, ...]]) -> Iterator[tuple[str, list[Any]]]:
+    """The multi-row INSERT statements (up to 128 rows each) for ``rows``, with their parameters."""
     for start in range(0, len(rows), MAX_ROWS_PER_STATEMENT):
         chunk = rows[start:start + MAX_ROWS_PER_STATEMENT]
-        sql = multirow_insert_sql(table, columns, paramstyle, len(chunk))
-        cursor.execute(sql, [v for row in chunk for v in row])
+        yield multirow_insert_sql(table, columns, paramstyle, len(chunk)), [v for row in chunk for v in row]
 
 
 def in_list(paramstyle: str, n: int) -> str:
