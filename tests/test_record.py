@@ -633,6 +633,7 @@ def test_round_trips_per_message(engine: Engine) -> None:
     assert r.unchanged == 6 and statements == ["SELECT", "SELECT"]
 
 
+@pytest.mark.interpreted
 def test_losing_the_creation_race_undoes_the_attempt_and_matches_again(engine: Engine,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """As if another transaction committed the identifiers between the lookup and the insert: the

@@ -378,15 +378,15 @@ class Compiler:
             assert spec.expr is not None
             try:
                 node = parse(spec.expr)
-            except ExprError as exc:
-                self.problem((*loc, "expr"), f"expression: {exc} (at character {exc.column})")
+            except ExprError as expr_exc:  # a name of its own: compiled (mypyc), one name has one type
+                self.problem((*loc, "expr"), f"expression: {expr_exc} (at character {expr_exc.column})")
                 return None, ""
             bare = _bare_paths(node)
             if bare is None:
                 try:
                     fn = compile_node(node, RuleBinder(ctx, (*loc, "expr")))
-                except ExprError as exc:
-                    self.problem((*loc, "expr"), f"expression: {exc} (at character {exc.column})")
+                except ExprError as expr_exc:
+                    self.problem((*loc, "expr"), f"expression: {expr_exc} (at character {expr_exc.column})")
                     return None, ""
                 return _from_value(fn, mode), spec.expr
             paths = [(p, (*loc, "expr")) for p in bare]

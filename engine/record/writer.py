@@ -28,7 +28,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -206,7 +206,7 @@ def _apply_wave(conn: Connection, items: list[tuple[F.MappedMessage, str, dateti
     all_keys = list(owner)
     for start in range(0, len(all_keys), CHUNK):
         chunk = all_keys[start:start + CHUNK]
-        rows = conn.execute(_identified().where(_pairs(t.c.namespace, t.c.value, chunk))).all()
+        rows: Sequence[Any] = conn.execute(_identified().where(_pairs(t.c.namespace, t.c.value, chunk))).all()
         for r in rows:
             if (r.namespace, r.value) not in owner:
                 continue
@@ -230,10 +230,11 @@ def _apply_wave(conn: Connection, items: list[tuple[F.MappedMessage, str, dateti
     new = [i for i, pid in enumerate(pids) if pid is None]
     if new:
         # RETURNING with the message uid (unique in the wave) says which row is whose, in any order
-        rows = conn.execute(insert(rec_patients).returning(rec_patients.c.id, rec_patients.c.message_uid), [
-            {"fact": dumped[i][0], "content_hash": dumped[i][1], "version": 1, "message_uid": items[i][1],
-             "message_time": when[i], "created_at": now, "updated_at": now} for i in new]).all()
-        created = {r.message_uid: int(r.id) for r in rows}
+        created_rows: Sequence[Any] = conn.execute(
+            insert(rec_patients).returning(rec_patients.c.id, rec_patients.c.message_uid), [
+                {"fact": dumped[i][0], "content_hash": dumped[i][1], "version": 1, "message_uid": items[i][1],
+                 "message_time": when[i], "created_at": now, "updated_at": now} for i in new]).all()
+        created = {r.message_uid: int(r.id) for r in created_rows}
         for i in new:
             pids[i] = created[items[i][1]]
             results[i].add("patient", "inserted")
@@ -264,9 +265,10 @@ def _apply_wave(conn: Connection, items: list[tuple[F.MappedMessage, str, dateti
         lookups = [(_id(pids[i]), key) for i in known for key in latest[i]]
         for start in range(0, len(lookups), CHUNK):
             pairs = lookups[start:start + CHUNK]
-            for r in conn.execute(select(table.c.id, table.c.patient_id, table.c.key, table.c.content_hash,
-                                         table.c.message_time)
-                                  .where(_pairs(table.c.patient_id, table.c.key, pairs))).all():
+            stored_rows: Sequence[Any] = conn.execute(
+                select(table.c.id, table.c.patient_id, table.c.key, table.c.content_hash, table.c.message_time)
+                .where(_pairs(table.c.patient_id, table.c.key, pairs))).all()
+            for r in stored_rows:
                 existing.setdefault(int(r.patient_id), {})[r.key] = r  # a superset of the pairs: extras unused
         new_rows: list[dict[str, Any]] = []
         replacements: list[Replacement] = []
@@ -583,7 +585,7 @@ class _Writer:
         t = rec_patient_identifiers
         cond = or_(*(and_(t.c.namespace == ns, t.c.value == value) for ns, value in keys))
         # one round trip: the identifiers, their patient's stored version and whether a link touches it
-        rows = self.conn.execute(_identified().where(cond)).all()
+        rows: Sequence[Any] = self.conn.execute(_identified().where(cond)).all()
         for r in rows:
             pid = int(r.patient_id)
             self.stored[pid] = r
@@ -625,7 +627,8 @@ class _Writer:
                              .where(owner, table.c.key.in_(chunk)))
         statements = [union_all(*parts)] if len(parts) > 1 and sum(map(len, latest.values())) <= CHUNK else parts
         for stmt in statements:
-            for r in self.conn.execute(stmt).all():
+            rows: Sequence[Any] = self.conn.execute(stmt).all()
+            for r in rows:
                 existing = found[r.kind]
                 if r.key not in existing or r.patient_id == pid:  # in a merge group, the survivor's own first
                     existing[r.key] = r
@@ -693,8 +696,8 @@ def replace_many(conn: Connection, table: Table, kind: str, items: list[Replacem
     missing = [r.row_id for r in items if r.stored is None]
     fetched: dict[int, Any] = {}
     if missing:
-        rows = conn.execute(select(table.c.id, table.c.content_hash, table.c.message_time)
-                            .where(table.c.id.in_(missing))).all()
+        rows: Sequence[Any] = conn.execute(select(table.c.id, table.c.content_hash, table.c.message_time)
+                                           .where(table.c.id.in_(missing))).all()
         fetched = {int(r.id): r for r in rows}
     outcomes: list[str] = []
     changed: list[Replacement] = []

@@ -15,7 +15,7 @@ marked, the source retries with backoff.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -335,8 +335,10 @@ class Processor:
                 batch.keys[uid] = key
         keys = sorted(set(batch.keys.values()))
         for start in range(0, len(keys), CHUNK):
-            for r in conn.execute(select(parked_patients.c.patient_key, parked_patients.c.message_uid)
-                                  .where(parked_patients.c.patient_key.in_(keys[start:start + CHUNK]))):
+            parked: Sequence[Any] = conn.execute(
+                select(parked_patients.c.patient_key, parked_patients.c.message_uid)
+                .where(parked_patients.c.patient_key.in_(keys[start:start + CHUNK]))).all()
+            for r in parked:
                 batch.parked[r.patient_key] = r.message_uid
         return batch
 
