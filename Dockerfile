@@ -8,18 +8,34 @@
 # PostgreSQL and RabbitMQ; see docs/deploy.md.
 
 # --- build: install the project and its dependencies into a virtualenv --------------------------
+# The compiled build (engine/accel.py): the hot modules compiled with mypyc, about a quarter less
+# CPU per message in a worker. `docker build --build-arg HL7ENGINE_COMPILE=0 .` gives pure Python.
 FROM python:3.11-slim AS build
 
+ARG HL7ENGINE_COMPILE=1
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 
-RUN python -m venv /opt/hl7engine
+RUN if [ "$HL7ENGINE_COMPILE" = 1 ]; then \
+        apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi
+RUN python -m venv /opt/hl7engine \
+    && /opt/hl7engine/bin/pip install "setuptools>=68" wheel "mypy>=1.8"
 WORKDIR /src
 # only what `pip install .` reads, so that editing channels/ or docs/ does not rebuild this layer
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY engine/ ./engine/
-RUN /opt/hl7engine/bin/pip install . \
+# first pure Python with the dependencies (mypyc type-checks against them, as mypy does in CI),
+# then the compiled build over it; mypy (and mypyc) only build, the compiled modules do not import
+# them, so they leave the image
+RUN /opt/hl7engine/bin/pip install --no-build-isolation . \
+    && if [ "$HL7ENGINE_COMPILE" = 1 ]; then \
+        HL7ENGINE_COMPILE=1 /opt/hl7engine/bin/pip install --no-build-isolation --no-deps --force-reinstall . ; \
+    fi \
+    && /opt/hl7engine/bin/pip uninstall -y mypy \
+    && cd / && /opt/hl7engine/bin/python -m engine.accel status \
     && /opt/hl7engine/bin/hl7engine --help > /dev/null
 
 # --- runtime -------------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from loadgen import SAMPLE, percentile, run_load  # noqa: E402
-from run import delete_rabbit_topology  # noqa: E402
+from run import delete_rabbit_topology, engine_build  # noqa: E402
 
 from engine.store.schema import messages  # noqa: E402
 
@@ -181,6 +181,7 @@ def main() -> None:
 
     baseline = python_hl7_parse_rate(SAMPLE.format(cid="BASE1", pid="P1"))
     print(f"peer baseline: python-hl7 hl7.parse alone, same message: {baseline:,.0f} msgs/s on one core")
+    print(f"engine build: {engine_build()}")
     port = free_port()
     cfg = config_dir(port, args.ack_after, acks.port if args.application_acks and acks else 0,
                      acks.port if args.forward and acks else 0)

@@ -672,9 +672,20 @@ def machine_info(tmp_root: Path) -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "packages": versions,
+        "engine_build": engine_build(),
         "temp_dir": str(tmp_root),
         "temp_dir_filesystem": filesystem_of(tmp_root),
     }
+
+
+def engine_build() -> str:
+    """What the engine's processes import: compiled (mypyc) or pure Python, asked the way they start."""
+    try:
+        done = subprocess.run([sys.executable, "-c", "from engine import accel; print(accel.describe())"],
+                              capture_output=True, text=True, timeout=60, cwd=tempfile.gettempdir(), check=True)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return done.stdout.strip() or "unknown"
 
 
 def fmt(x: float | None, digits: int = 2) -> str:
@@ -724,6 +735,7 @@ def markdown(info: dict[str, Any], settings: dict[str, Any], results: dict[str, 
         f"{', '.join(str(x) for x in info['load_average_at_start'])}",
         f"- Python {info['python']} on {info['platform']}; "
         + ", ".join(f"{k} {v}" for k, v in info["packages"].items()),
+        f"- engine build: {info.get('engine_build', 'unknown')} (engine/accel.py)",
         f"- temporary files on {info['temp_dir_filesystem']} ({info['temp_dir']})",
         f"- {settings['connections']} connections, {settings['messages']:,} messages per peak measurement "
         f"(after {settings['warmup']:,} warm-up), median of {settings['repeat']} peak run(s); "

@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from e2e import python_hl7_parse_rate  # noqa: E402
 from loadgen import SAMPLE  # noqa: E402
 
+from engine import accel  # noqa: E402
 from engine.hl7.header import read_header  # noqa: E402
 from engine.intake.item import Item, new_uid  # noqa: E402
 from engine.intake.writer import BatchWriter, Job, WireJob  # noqa: E402
@@ -150,6 +151,7 @@ def main() -> None:
     print(f"peer baseline: python-hl7 hl7.parse alone, same message: "
           f"{python_hl7_parse_rate(SAMPLE.format(cid='X', pid='P1'), args.baseline_seconds):,.0f} msgs/s on one core",
           flush=True)
+    print(f"engine build: {accel.describe()}", flush=True)
     if "postgresql" in only:
         name = f"hl7wrk_{uuid.uuid4().hex[:10]}"
         with psycopg.connect(PG_ADMIN, autocommit=True) as c:

@@ -9,6 +9,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine import accel
 from engine.config.project import Project
 from engine.errors import UnavailableError
 from engine.intake.receiver import Receiver
@@ -65,7 +66,7 @@ class Engine:
             self.pruner = Pruner(url, self.settings.retain_messages)
             self.pruner.start()
         log.info("engine started", channels=len(self.servers), store="sqlite" if db.is_sqlite(url) else "server",
-                 queue=self.store.queue_name)
+                 queue=self.store.queue_name, build=accel.report(log))
 
     async def stop(self) -> None:
         # messages waiting for their processing (ack.after: processed) get this long too, then AE

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from engine import accel
 from engine.config.loader import load_model
 from engine.config.project import load_project, shown_path
 from engine.config.routes import RoutesConfig, routes_file
@@ -93,7 +94,8 @@ def work(root: Path, settings: Settings, index: int, count: int, stop: threading
     processor.reporter = Reporter(reports, f"{os.getpid()}-{time.time_ns()}")
     processor.reporter.start()
     tune_gc()
-    log.info("worker started", index=index, of=count, queue="rabbitmq" if settings.broker_url else "database")
+    log.info("worker started", index=index, of=count, queue="rabbitmq" if settings.broker_url else "database",
+             build=accel.report(log))
     try:
         if settings.broker_url:
             from engine.worker.members import Membership

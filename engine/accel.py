@@ -1,0 +1,149 @@
+"""The compiled build: the engine's hot modules compiled to C extensions with mypyc.
+
+The same source runs either way; compiled, a worker spends about 30% less CPU per message
+(bench/results/e2e.md). The plain install (``pip install .``, ``pip install -e .``) is pure Python.
+A compiled one is built on purpose:
+
+    pip install mypy setuptools wheel . && \
+    HL7ENGINE_COMPILE=1 pip install --no-build-isolation --no-deps --force-reinstall .
+                                                                 # a deployment (the Dockerfile does this)
+    python -m engine.accel build                                 # in place, in a checkout (for benchmarks)
+    python -m engine.accel status                                # which modules run compiled
+    python -m engine.accel clean                                 # back to pure Python
+
+Both need mypy (which brings mypyc), a C compiler and the engine's dependencies installed (mypyc
+type-checks the modules against them, with pyproject.toml's mypy settings). In a checkout, the extensions sit beside the
+``.py`` files and Python imports them first: a source file edited after ``build`` is *not* what runs
+until the next ``build`` or ``clean``. ``stale()`` finds that case, and the engine logs it at start.
+
+This module is read by setup.py before the engine is installed: standard library only.
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+# The modules compiled, as paths from the project root: what a worker runs for every message (parse,
+# route, map, write the record), chosen by profile. Not here: the receiving path (compiled, it
+# measured no faster: its time goes to the event loop, sockets and SQLite), pydantic models (mypyc
+# cannot compile them), and code that waits on I/O more than it computes (engine/store/keys.py,
+# for one, spends its time in the database; compiled, its loops over result rows also failed
+# mypyc's checks, as SQLAlchemy types a Row as a tuple: annotate such rows as Any in a listed module).
+MODULES: tuple[str, ...] = (
+    "engine/hl7/message.py",
+    "engine/mapping/engine.py",
+    "engine/mapping/compiler.py",
+    "engine/mapping/convert.py",
+    "engine/mapping/expr.py",
+    "engine/mapping/segments.py",
+    "engine/mapping/paths.py",
+    "engine/record/writer.py",
+    "engine/record/datatypes.py",
+    "engine/store/bulk.py",
+    "engine/worker/router.py",
+    "engine/worker/processor.py",
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+_EXTENSIONS = tuple(importlib.machinery.EXTENSION_SUFFIXES)
+
+
+def module_name(path: str) -> str:
+    return path.removesuffix(".py").replace("/", ".")
+
+
+def compiled() -> list[str]:
+    """The modules of MODULES that import as compiled extensions (without importing them)."""
+    out = []
+    for path in MODULES:
+        spec = importlib.util.find_spec(module_name(path))
+        if spec is not None and spec.origin is not None and spec.origin.endswith(_EXTENSIONS):
+            out.append(module_name(path))
+    return out
+
+
+def stale() -> list[str]:
+    """In a checkout (``python -m engine.accel build``), the compiled modules whose source file is
+    newer than the extension that shadows it. An installed build keeps its sources beside the
+    extensions with install-time dates, so there is nothing to compare there."""
+    if not (ROOT / "pyproject.toml").is_file():
+        return []
+    out = []
+    for path in MODULES:
+        spec = importlib.util.find_spec(module_name(path))
+        if spec is None or spec.origin is None or not spec.origin.endswith(_EXTENSIONS):
+            continue
+        source = Path(spec.origin).parent / Path(path).name
+        try:
+            if source.stat().st_mtime > Path(spec.origin).stat().st_mtime:
+                out.append(module_name(path))
+        except OSError:
+            continue
+    return out
+
+
+def describe() -> str:
+    """One line for logs and benchmark reports: "compiled (18 of 18 modules)" or "pure Python"."""
+    done = compiled()
+    if not done:
+        return "pure Python"
+    old = stale()
+    text = f"compiled ({len(done)} of {len(MODULES)} modules)"
+    return text + (f", {len(old)} older than their source" if old else "")
+
+
+def report(log: Any) -> str:
+    """Warn (on a structlog logger) about each stale compiled module; return ``describe()`` for the
+    caller's start line."""
+    for name in stale():
+        log.warning("compiled module is older than its source: the old code runs", module=name,
+                    fix="python -m engine.accel build (or clean)")
+    return describe()
+
+
+def _artifacts() -> list[Path]:
+    """Every compiled extension in the checkout's package (the engine has no others): beside each
+    module, and the build's shared library (engine/native__mypyc.*). All of them, also of modules a
+    later list leaves out, so that no extension of an older build is left to fail at import."""
+    return [p for p in (ROOT / "engine").rglob("*") if p.name.endswith(_EXTENSIONS)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    command = args[0] if args else "status"
+    if command == "status":
+        print(describe())
+        for name in stale():
+            print(f"  {name}: the source is newer than its compiled module; run `python -m engine.accel build`")
+        return 0
+    if command == "clean":
+        for p in _artifacts():
+            p.unlink()
+        print(describe())
+        return 0
+    if command == "build":
+        for p in _artifacts():  # never mix extensions of two builds
+            p.unlink()
+        argv = [sys.executable, "setup.py", "build_ext", "--inplace"]
+        done = subprocess.run(argv, cwd=ROOT, env=dict(os.environ, HL7ENGINE_COMPILE="1"),
+                              stdout=subprocess.PIPE, text=True, check=False)
+        if done.returncode != 0:  # mypy's errors come on stdout, the compiler's on stderr
+            print(done.stdout, end="")
+            print("the compiled build failed (it needs mypy, a C compiler and the Python headers); its errors "
+                  f"are above. To run it by hand:\n  cd {ROOT} && HL7ENGINE_COMPILE=1 {' '.join(argv)}",
+                  file=sys.stderr)
+            return done.returncode
+        print(describe())
+        return 0
+    print("usage: python -m engine.accel [status|build|clean]", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
