@@ -12,9 +12,10 @@ A compiled one is built on purpose:
     python -m engine.accel clean                                 # back to pure Python
 
 Both need mypy (which brings mypyc), a C compiler and the engine's dependencies installed (mypyc
-type-checks the modules against them, with pyproject.toml's mypy settings). In a checkout, the extensions sit beside the
-``.py`` files and Python imports them first: a source file edited after ``build`` is *not* what runs
-until the next ``build`` or ``clean``. ``stale()`` finds that case, and the engine logs it at start.
+type-checks the modules against them, with pyproject.toml's mypy settings). In a checkout, the
+extensions sit beside the ``.py`` files and Python imports them first: a source file edited after
+``build`` is *not* what runs until the next ``build`` or ``clean``. ``stale()`` finds that case,
+and the engine logs it at start.
 
 This module is read by setup.py before the engine is installed: standard library only.
 """
@@ -59,7 +60,8 @@ def module_name(path: str) -> str:
 
 
 def compiled() -> list[str]:
-    """The modules of MODULES that import as compiled extensions (without importing them)."""
+    """The modules of MODULES that Python finds as compiled extensions (``find_spec``: their
+    parent packages are imported, which may import them)."""
     out = []
     for path in MODULES:
         spec = importlib.util.find_spec(module_name(path))
