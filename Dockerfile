@@ -22,7 +22,7 @@ RUN if [ "$HL7ENGINE_COMPILE" = 1 ]; then \
         && rm -rf /var/lib/apt/lists/*; \
     fi
 RUN python -m venv /opt/hl7engine \
-    && /opt/hl7engine/bin/pip install "setuptools>=68" wheel "mypy>=1.8"
+    && /opt/hl7engine/bin/pip install "setuptools>=68" wheel
 WORKDIR /src
 # only what `pip install .` reads, so that editing channels/ or docs/ does not rebuild this layer
 COPY pyproject.toml setup.py README.md ./
@@ -32,9 +32,10 @@ COPY engine/ ./engine/
 # them, so they leave the image
 RUN /opt/hl7engine/bin/pip install --no-build-isolation . \
     && if [ "$HL7ENGINE_COMPILE" = 1 ]; then \
-        HL7ENGINE_COMPILE=1 /opt/hl7engine/bin/pip install --no-build-isolation --no-deps --force-reinstall . ; \
+        /opt/hl7engine/bin/pip install "mypy>=1.8" \
+        && HL7ENGINE_COMPILE=1 /opt/hl7engine/bin/pip install --no-build-isolation --no-deps --force-reinstall . \
+        && /opt/hl7engine/bin/pip uninstall -y mypy ; \
     fi \
-    && /opt/hl7engine/bin/pip uninstall -y mypy \
     && cd / && /opt/hl7engine/bin/python -m engine.accel status \
     && /opt/hl7engine/bin/hl7engine --help > /dev/null
 

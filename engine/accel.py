@@ -59,54 +59,61 @@ def module_name(path: str) -> str:
     return path.removesuffix(".py").replace("/", ".")
 
 
-def compiled() -> list[str]:
-    """The modules of MODULES that Python finds as compiled extensions (``find_spec``: their
-    parent packages are imported, which may import them)."""
-    out = []
+def _extensions() -> dict[str, tuple[Path, Path]]:
+    """Each module of MODULES that Python finds as a compiled extension: name -> (the extension,
+    its source). ``find_spec`` imports the parent packages, which may import the modules."""
+    out = {}
     for path in MODULES:
         spec = importlib.util.find_spec(module_name(path))
         if spec is not None and spec.origin is not None and spec.origin.endswith(_EXTENSIONS):
-            out.append(module_name(path))
+            origin = Path(spec.origin)
+            out[module_name(path)] = (origin, origin.parent / Path(path).name)
     return out
 
 
-def stale() -> list[str]:
+def compiled() -> list[str]:
+    """The modules of MODULES that Python finds as compiled extensions."""
+    return list(_extensions())
+
+
+def stale(found: dict[str, tuple[Path, Path]] | None = None) -> list[str]:
     """In a checkout (``python -m engine.accel build``), the compiled modules whose source file is
     newer than the extension that shadows it. An installed build keeps its sources beside the
     extensions with install-time dates, so there is nothing to compare there."""
     if not (ROOT / "pyproject.toml").is_file():
         return []
     out = []
-    for path in MODULES:
-        spec = importlib.util.find_spec(module_name(path))
-        if spec is None or spec.origin is None or not spec.origin.endswith(_EXTENSIONS):
-            continue
-        source = Path(spec.origin).parent / Path(path).name
+    for name, (extension, source) in (_extensions() if found is None else found).items():
         try:
-            if source.stat().st_mtime > Path(spec.origin).stat().st_mtime:
-                out.append(module_name(path))
+            if source.stat().st_mtime > extension.stat().st_mtime:
+                out.append(name)
         except OSError:
             continue
     return out
 
 
+def _describe(found: dict[str, tuple[Path, Path]], old: list[str]) -> str:
+    if not found:
+        return "pure Python"
+    text = f"compiled ({len(found)} of {len(MODULES)} modules)"
+    return text + (f", {len(old)} older than their source" if old else "")
+
+
 def describe() -> str:
     """One line for logs and benchmark reports: "compiled (12 of 12 modules)" or "pure Python"."""
-    done = compiled()
-    if not done:
-        return "pure Python"
-    old = stale()
-    text = f"compiled ({len(done)} of {len(MODULES)} modules)"
-    return text + (f", {len(old)} older than their source" if old else "")
+    found = _extensions()
+    return _describe(found, stale(found))
 
 
 def report(log: Any) -> str:
     """Warn (on a structlog logger) about each stale compiled module; return ``describe()`` for the
     caller's start line."""
-    for name in stale():
+    found = _extensions()
+    old = stale(found)
+    for name in old:
         log.warning("compiled module is older than its source: the old code runs", module=name,
                     fix="python -m engine.accel build (or clean)")
-    return describe()
+    return _describe(found, old)
 
 
 def _artifacts() -> list[Path]:
@@ -120,8 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     command = args[0] if args else "status"
     if command == "status":
-        print(describe())
-        for name in stale():
+        found = _extensions()
+        old = stale(found)
+        print(_describe(found, old))
+        for name in old:
             print(f"  {name}: the source is newer than its compiled module; run `python -m engine.accel build`")
         return 0
     if command == "clean":
