@@ -54,35 +54,78 @@ def connection_parameters(url: str) -> pika.URLParameters:
     return params
 
 
+def keeps_bodies_in_memory(version: str) -> bool:
+    """Whether a RabbitMQ of this version keeps every message of a quorum queue in memory, unless
+    the queue says ``x-max-in-memory-length`` (before 3.12; since then bodies are on disk only and
+    the argument is deprecated)."""
+    parts = version.split(".")
+    try:
+        major, minor = int(parts[0]), int(parts[1]) if len(parts) > 1 else 0
+    except ValueError:
+        return False
+    return (major, minor) < (3, 12)
+
+
+def _broker_version(conn: pika.BlockingConnection) -> str:
+    props = getattr(conn._impl, "server_properties", None) or {}  # where pika keeps connection.start's table
+    version = props.get("version", "")
+    return version.decode("utf-8", "replace") if isinstance(version, bytes) else str(version)
+
+
 def declare_topology(url: str, name: str, partitions: int) -> str:
-    """Declare exchange, partition queues and bindings (idempotent). Returns the queue type used."""
+    """Declare exchange, partition queues and bindings (idempotent). Returns the queue type used.
+
+    Quorum queues on a RabbitMQ before 3.12 are declared with ``x-max-in-memory-length: 0``: such
+    a broker otherwise keeps every waiting message in memory, so a backlog (workers stopped, the
+    record's database down) grows its memory until the memory alarm blocks every publisher, i.e.
+    every listener; measured here (3.10), it also made ACKs slower (docs/architecture.md). A queue
+    that exists already with other arguments is used as it is (a policy can set the limit on it)."""
     conn = pika.BlockingConnection(connection_parameters(url))
     try:
+        extra: dict[str, Any] = {}
+        if keeps_bodies_in_memory(_broker_version(conn)):
+            extra["x-max-in-memory-length"] = 0
         ch = conn.channel()
         ch.exchange_declare(name, exchange_type="direct", durable=True)
         ch.exchange_declare(name + DEAD_LETTER_SUFFIX, exchange_type="fanout", durable=True)
-        ch.queue_declare(name + DEAD_LETTER_SUFFIX, durable=True, arguments={"x-queue-type": "quorum"})
+        ch, existing = _declare(conn, ch, name + DEAD_LETTER_SUFFIX, {"x-queue-type": "quorum", **extra})
+        if existing is False:
+            ch.queue_declare(name + DEAD_LETTER_SUFFIX, durable=True)
         ch.queue_bind(name + DEAD_LETTER_SUFFIX, name + DEAD_LETTER_SUFFIX)
         kind = "quorum"
         for i, q in enumerate(queue_names(name, partitions)):
             args = {"x-single-active-consumer": True, "x-dead-letter-exchange": name + DEAD_LETTER_SUFFIX}
-            try:
+            if kind == "quorum":
+                ch, existing = _declare(conn, ch, q, {**args, "x-queue-type": kind, **extra})
+                if existing is False:  # not declarable as a quorum queue, and not there: a classic broker
+                    kind = "classic"
+            if kind == "classic":
                 ch.queue_declare(q, durable=True, arguments={**args, "x-queue-type": kind})
-            except ChannelClosedByBroker as exc:
-                ch = conn.channel()
-                if kind == "quorum" and exc.reply_code in (406, 540):
-                    try:  # an existing queue of another type keeps its type
-                        ch.queue_declare(q, passive=True)
-                    except ChannelClosedByBroker:
-                        ch = conn.channel()
-                        kind = "classic"
-                        ch.queue_declare(q, durable=True, arguments={**args, "x-queue-type": kind})
-                else:
-                    raise
             ch.queue_bind(q, name, routing_key=str(i))
         return kind
     finally:
         conn.close()
+
+
+def _declare(conn: pika.BlockingConnection, ch: Any, queue: str, args: dict[str, Any]) -> tuple[Any, bool | None]:
+    """Declare ``queue`` durable with ``args``. If the broker refuses them (406: it exists with other
+    arguments, or another type; 540: no quorum queues here), an existing queue is kept as it is.
+    Returns the channel to go on with (a refusal closes it) and None when the declare succeeded,
+    True when an existing queue was kept, False when the queue does not exist (to try another type)."""
+    try:
+        ch.queue_declare(queue, durable=True, arguments=args)
+        return ch, None
+    except ChannelClosedByBroker as exc:
+        if exc.reply_code not in (406, 540):
+            raise
+        refusal = exc.reply_text
+    ch = conn.channel()
+    try:
+        ch.queue_declare(queue, passive=True)
+    except ChannelClosedByBroker:
+        return conn.channel(), False
+    log.warning("queue exists with other arguments; used as it is", queue=queue, broker=refusal[:200])
+    return ch, True
 
 
 def queue_depths(url: str, name: str, partitions: int) -> list[tuple[str, int]]:
