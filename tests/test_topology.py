@@ -5,6 +5,7 @@ from __future__ import annotations
 import pika
 import pytest
 from pika.exceptions import ChannelClosedByBroker
+from structlog.testing import capture_logs
 
 from engine.queue.rabbitmq import (
     DEAD_LETTER_SUFFIX,
@@ -74,8 +75,18 @@ def test_queues_declared_earlier_with_other_arguments_are_used_as_they_are(
     ch.basic_publish("", queue_names(queue_name, 2)[0], b"already waiting")
     conn.close()
 
-    assert declare_topology(rabbitmq_url, queue_name, 2) == "quorum"
+    with capture_logs() as logs:
+        assert declare_topology(rabbitmq_url, queue_name, 2) == "quorum"
     assert declare_topology(rabbitmq_url, queue_name, 2) == "quorum", "idempotent"
+    conn = pika.BlockingConnection(pika.URLParameters(rabbitmq_url))
+    older = keeps_bodies_in_memory(_broker_version(conn))
+    conn.close()
+    warnings = [e for e in logs if e["log_level"] == "warning"]
+    if older:  # the new arguments differ from the old ones only on such a broker
+        assert len(warnings) == 1, "one line per start, not one per queue"
+        assert warnings[0]["queues"] == 3 and "max-in-memory-length" in warnings[0]["hint"]
+    else:
+        assert warnings == []
     for q in queue_names(queue_name, 2):
         assert _redeclare(rabbitmq_url, q, _partition_args(queue_name)) == 0, "its arguments are unchanged"
     publisher = RabbitPublisher(rabbitmq_url, queue_name)

@@ -88,9 +88,12 @@ def declare_topology(url: str, name: str, partitions: int) -> str:
         ch = conn.channel()
         ch.exchange_declare(name, exchange_type="direct", durable=True)
         ch.exchange_declare(name + DEAD_LETTER_SUFFIX, exchange_type="fanout", durable=True)
+        kept: list[str] = []
         ch, existing = _declare(conn, ch, name + DEAD_LETTER_SUFFIX, {"x-queue-type": "quorum", **extra})
         if existing is False:
             ch.queue_declare(name + DEAD_LETTER_SUFFIX, durable=True)
+        elif existing:
+            kept.append(name + DEAD_LETTER_SUFFIX)
         ch.queue_bind(name + DEAD_LETTER_SUFFIX, name + DEAD_LETTER_SUFFIX)
         kind = "quorum"
         for i, q in enumerate(queue_names(name, partitions)):
@@ -99,9 +102,16 @@ def declare_topology(url: str, name: str, partitions: int) -> str:
                 ch, existing = _declare(conn, ch, q, {**args, "x-queue-type": kind, **extra})
                 if existing is False:  # not declarable as a quorum queue, and not there: a classic broker
                     kind = "classic"
+                elif existing:
+                    kept.append(q)
             if kind == "classic":
                 ch.queue_declare(q, durable=True, arguments={**args, "x-queue-type": kind})
             ch.queue_bind(q, name, routing_key=str(i))
+        if kept:
+            log.warning("queues declared earlier with other arguments are used as they are", queues=len(kept),
+                        first=kept[0], hint=("unless a policy sets max-in-memory-length, this RabbitMQ keeps "
+                                             "their waiting messages in memory: see docs/scale-out.md")
+                        if extra else "")
         return kind
     finally:
         conn.close()
@@ -124,7 +134,7 @@ def _declare(conn: pika.BlockingConnection, ch: Any, queue: str, args: dict[str,
         ch.queue_declare(queue, passive=True)
     except ChannelClosedByBroker:
         return conn.channel(), False
-    log.warning("queue exists with other arguments; used as it is", queue=queue, broker=refusal[:200])
+    log.debug("queue exists with other arguments", queue=queue, broker=refusal[:200])
     return ch, True
 
 
