@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import Column, Connection, Engine, Integer, MetaData, func, inspect, select
+from sqlalchemy import Column, Connection, Engine, Integer, MetaData, Table, func, inspect, select
 from sqlalchemy.exc import IntegrityError
 
 from engine.errors import EngineError
@@ -261,6 +261,60 @@ def test_bulk_insert_on_sqlite_stores_what_sqlalchemy_stores(tmp_path: Any) -> N
             assert [r.effective for r in read] == times and read[0].fact == {"name": "Иванов", "n": [0, None, "x"]}
         with eng.begin() as conn, pytest.raises(ValueError, match="naive"):
             bulk_insert(conn, rec_observations, [row(99, datetime(2026, 1, 1), "naive")])
+    finally:
+        eng.dispose()
+
+
+def test_bulk_insert_on_postgresql_stores_what_sqlalchemy_stores(postgres_url: str) -> None:
+    """From COPY_FROM rows PostgreSQL gets them by COPY in binary format, with each column's type
+    spelled out: what is stored must be what SQLAlchemy's INSERT stores (times before 1970 and in
+    other zones, microseconds, NULLs, JSON with Cyrillic text), and every record table must have a
+    binary plan (a column type without one would quietly fall back to the slower text COPY)."""
+    from datetime import timezone
+
+    from sqlalchemy import insert, text
+
+    from engine.record import models
+    from engine.record.writer import binary_copy_types
+
+    for name in dir(models):
+        table = getattr(models, name)
+        if name.startswith("rec_") and isinstance(table, Table):
+            assert binary_copy_types(table, tuple(c.name for c in table.columns)) is not None, table.name
+
+    db.upgrade(postgres_url)
+    eng = db.make_engine(postgres_url)
+    times = [datetime(1965, 1, 1, 0, 0, 0, 500000, tzinfo=UTC), T0,
+             datetime(2026, 12, 7, 13, 1, 2, 999999, tzinfo=timezone(timedelta(hours=3)))]
+
+    def row(n: int, uid: str) -> dict[str, Any]:
+        at = times[n % len(times)]
+        return {"patient_id": 1, "key": f"{uid}-{n:03d}", "fact": {"name": "Иванов", "n": [n, None, "x\t\\"]},
+                "report_key": None if n % 2 else f"r{n}", "code": "718-7", "code_system": None, "alt_code": None,
+                "alt_code_system": None, "status": "final", "value_type": "quantity", "effective": at,
+                "issued": None, "content_hash": "h", "version": n + 1, "message_uid": uid, "message_time": at,
+                "created_at": at, "updated_at": at}
+
+    n_rows = max(COPY_FROM, 24)
+    try:
+        with eng.begin() as conn:
+            conn.execute(text("SET TIME ZONE 'America/New_York'"))  # binary times do not depend on it
+            conn.execute(insert(rec_observations), [row(n, "orm") for n in range(n_rows)])
+            bulk_insert(conn, rec_observations, [row(n, "bulk") for n in range(n_rows)])
+        with eng.connect() as conn:
+            cols = ("fact::text, report_key, code_system, effective, issued, version, message_time, created_at, "
+                    "updated_at, split_part(key, '-', 2)")
+            orm = conn.execute(text(f"SELECT {cols} FROM rec_observations WHERE message_uid = 'orm' ORDER BY key"))
+            bulk = conn.execute(text(f"SELECT {cols} FROM rec_observations WHERE message_uid = 'bulk' ORDER BY key"))
+            assert [tuple(r) for r in bulk.all()] == [tuple(r) for r in orm.all()]
+            read = conn.execute(select(rec_observations.c.effective, rec_observations.c.fact)
+                                .where(rec_observations.c.message_uid == "bulk")
+                                .order_by(rec_observations.c.key)).all()
+            assert [r.effective for r in read[:3]] == times
+            assert read[0].fact == {"name": "Иванов", "n": [0, None, "x\t\\"]}
+        naive = [{**row(n, "naive"), "effective": datetime(2026, 1, 1)} for n in range(n_rows)]
+        with eng.begin() as conn, pytest.raises(ValueError, match="naive"):
+            bulk_insert(conn, rec_observations, naive)
     finally:
         eng.dispose()
 
