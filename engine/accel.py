@@ -52,6 +52,7 @@ MODULES: tuple[str, ...] = (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
+SHARED_LIBRARY = "native__mypyc"  # engine/native__mypyc.*: setup.py's group_name "engine.native"
 _EXTENSIONS = tuple(importlib.machinery.EXTENSION_SUFFIXES)
 
 
@@ -82,10 +83,15 @@ def stale(found: dict[str, tuple[Path, Path]] | None = None) -> list[str]:
     extensions with install-time dates, so there is nothing to compare there."""
     if not (ROOT / "pyproject.toml").is_file():
         return []
+    # a module's own extension is a small shim into the build's shared library, which holds the
+    # compiled code: a rebuild after an edit writes the library anew, but an in-place build keeps
+    # an unchanged shim's old date (setuptools copies it from build/ with its time)
+    shared = [p.stat().st_mtime for p in (ROOT / "engine").glob(f"{SHARED_LIBRARY}*") if p.name.endswith(_EXTENSIONS)]
+    built_shared = max(shared, default=0.0)
     out = []
     for name, (extension, source) in (_extensions() if found is None else found).items():
         try:
-            if source.stat().st_mtime > extension.stat().st_mtime:
+            if source.stat().st_mtime > max(extension.stat().st_mtime, built_shared):
                 out.append(name)
         except OSError:
             continue

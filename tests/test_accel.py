@@ -87,6 +87,20 @@ def test_a_source_edited_after_the_build_is_reported(fake_build: Path) -> None:
                          {"module": "fakepkg.mod", "fix": "python -m engine.accel build (or clean)"})]
 
 
+def test_a_rebuild_that_kept_a_modules_shim_is_not_stale(fake_build: Path) -> None:
+    """The compiled code is in the shared library; an in-place rebuild writes it anew but may keep a
+    module's unchanged shim with its old date: the source is older than the build then."""
+    shared = fake_build.parent / "engine" / f"{accel.SHARED_LIBRARY}{SUFFIX}"
+    shared.parent.mkdir()
+    shared.write_bytes(b"not loaded")
+    edited(fake_build)
+    later = os.stat(fake_build / "mod.py").st_mtime + 10
+    os.utime(shared, (later, later))
+    assert accel.stale() == []
+    os.utime(fake_build / "mod.py", (later + 10, later + 10))
+    assert accel.stale() == ["fakepkg.mod"], "edited after the rebuild"
+
+
 def test_an_installed_build_is_never_called_stale(fake_build: Path) -> None:
     """Installed, the sources beside the extensions carry install-time dates: nothing to compare."""
     (fake_build.parent / "pyproject.toml").unlink()
