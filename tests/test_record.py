@@ -284,6 +284,22 @@ def test_bulk_insert_on_postgresql_stores_what_sqlalchemy_stores(postgres_url: s
 
     db.upgrade(postgres_url)
     eng = db.make_engine(postgres_url)
+    # binary COPY needs the database's own column types (the migrations', not only the models'):
+    # an integer sent for a bigint column, or text for a jsonb one, fails the whole COPY
+    same = {"int8": {"bigint"}, "int4": {"integer"}, "int2": {"smallint"}, "bool": {"boolean"},
+            "timestamptz": {"timestamp with time zone"}, "text": {"text", "character varying", "json"}}
+    with eng.connect() as conn:
+        for name in dir(models):
+            table = getattr(models, name)
+            if not (name.startswith("rec_") and isinstance(table, Table)):
+                continue
+            stored = dict(conn.execute(text("SELECT column_name, data_type FROM information_schema.columns "
+                                            "WHERE table_name = :t"), {"t": table.name}).all())
+            names = tuple(c.name for c in table.columns)
+            plan = binary_copy_types(table, names)
+            assert plan is not None
+            for column, kind in zip(names, plan, strict=True):
+                assert stored[column] in same[kind], f"{table.name}.{column}: {stored[column]} is not {kind}"
     times = [datetime(1965, 1, 1, 0, 0, 0, 500000, tzinfo=UTC), T0,
              datetime(2026, 12, 7, 13, 1, 2, 999999, tzinfo=timezone(timedelta(hours=3)))]
 

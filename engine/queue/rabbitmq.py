@@ -78,8 +78,8 @@ def declare_topology(url: str, name: str, partitions: int) -> str:
     Quorum queues on a RabbitMQ before 3.12 are declared with ``x-max-in-memory-length: 0``: such
     a broker otherwise keeps every waiting message in memory, so a backlog (workers stopped, the
     record's database down) grows its memory until the memory alarm blocks every publisher, i.e.
-    every listener; measured here (3.10), it also made ACKs slower (docs/architecture.md). A queue
-    that exists already with other arguments is used as it is (a policy can set the limit on it)."""
+    every listener (measured in docs/architecture.md). A queue that exists already with other
+    arguments is used as it is (a policy can set the limit on it)."""
     conn = pika.BlockingConnection(connection_parameters(url))
     try:
         extra: dict[str, Any] = {}
