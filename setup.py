@@ -16,10 +16,10 @@ if os.environ.get("HL7ENGINE_COMPILE") == "1":
         raise SystemExit("HL7ENGINE_COMPILE=1 needs mypy and the engine's dependencies in the build "
                          "environment: pip install mypy setuptools wheel . , then HL7ENGINE_COMPILE=1 pip install "
                          "--no-build-isolation --no-deps --force-reinstall .") from None
-    modules = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "engine", "accel.py"))["MODULES"]
+    accel = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "engine", "accel.py"))
     # one shared library for all of them, inside the package (engine/native__mypyc.*): importable
     # wherever the package is, an editable install included
-    ext_modules = mypycify(list(modules), opt_level=os.environ.get("MYPYC_OPT_LEVEL", "3"),
-                           group_name="engine.native")
+    ext_modules = mypycify(list(accel["MODULES"]), opt_level=os.environ.get("MYPYC_OPT_LEVEL", "3"),
+                           group_name=accel["GROUP_NAME"])
 
 setup(ext_modules=ext_modules)

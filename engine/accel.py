@@ -52,7 +52,9 @@ MODULES: tuple[str, ...] = (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED_LIBRARY = "native__mypyc"  # engine/native__mypyc.*: setup.py's group_name "engine.native"
+# setup.py's mypyc group: all compiled code in one shared library, engine/native__mypyc.*
+GROUP_NAME = "engine.native"
+SHARED_LIBRARY = GROUP_NAME.rpartition(".")[2] + "__mypyc"
 _EXTENSIONS = tuple(importlib.machinery.EXTENSION_SUFFIXES)
 
 

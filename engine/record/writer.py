@@ -352,21 +352,13 @@ def binary_copy_types(table: Table, names: tuple[str, ...]) -> tuple[str, ...] |
     (then the COPY is in text format). Binary spares formatting every value as text and PostgreSQL
     parsing it back: a timestamp is 8 bytes rather than an ISO string. A JSON column's binary form
     is its text."""
-    out = []
-    for n in names:
-        t = table.c[n].type
-        kind = _BINARY_TYPES.get(type(t)) or _BINARY_TYPES.get(type(getattr(t, "impl", None)))
-        if isinstance(t, UTCDateTime):
-            kind = "timestamptz"
-        if kind is None:
-            return None
-        out.append(kind)
-    return tuple(out)
+    kinds = [_BINARY_TYPES.get(type(table.c[n].type)) for n in names]
+    return None if None in kinds else tuple(k for k in kinds if k is not None)
 
 
 _BINARY_TYPES: dict[type, str] = {
     BigInteger: "int8", Integer: "int4", SmallInteger: "int2", Boolean: "bool",
-    String: "text", Text: "text", JSON: "text",
+    String: "text", Text: "text", JSON: "text", UTCDateTime: "timestamptz",
 }
 
 
