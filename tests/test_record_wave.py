@@ -291,12 +291,14 @@ def test_the_corpus_gives_the_same_record(two_urls: tuple[str, str], corpus: lis
 
 @pytest.mark.corpus
 def test_canonical_text_is_json_dumps_byte_for_byte(corpus: list[Any]) -> None:
-    """The content hash (the idempotence test) is computed with orjson; it must be the same text as
-    json.dumps(sort_keys, compact, UTF-8) gives, for every fact of the corpus, or records written
-    before would see their facts as changed."""
+    """The content hash (the idempotence test) is computed with orjson, over data built without
+    pydantic's serializer; it must be the same text as json.dumps(sort_keys, compact, UTF-8) gives
+    for model_dump(mode="json"), for every fact of the corpus, or records written before would see
+    their facts as changed."""
+    import hashlib
     import json
 
-    from engine.record.writer import canonical
+    from engine.record.writer import canonical, dump
 
     items, _ = corpus_mapped(corpus)
     checked = 0
@@ -307,6 +309,10 @@ def test_canonical_text_is_json_dumps_byte_for_byte(corpus: list[Any]) -> None:
             data = fact.model_dump(mode="json")
             expected = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
             assert canonical(data) == expected
+            # what the record stores and hashes: built without pydantic's serializer (tests/test_fact_json.py)
+            text, digest = dump(fact)
+            assert text.encode() == expected
+            assert digest == hashlib.sha256(expected).hexdigest()
             checked += 1
     assert checked > 2000
     cyrillic = {"names": [{"family": "Иванова", "given": ["Анна"]}], "n": 2**70, "e": "\u2028 \x00"}

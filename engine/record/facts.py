@@ -25,35 +25,38 @@ from pydantic import BaseModel, ConfigDict, Field
 Precision = Literal["year", "month", "day", "hour", "minute", "second", "millisecond"]
 
 
-class _Model(BaseModel):
+class FactModel(BaseModel):
+    """Every model of this module (facts and the values in them)."""
+
     model_config = ConfigDict(extra="forbid", frozen=False)
 
 
-class Instant(_Model):
+
+class Instant(FactModel):
     at: datetime  # timezone-aware, UTC
     precision: Precision
     text: str = ""  # the HL7 value as sent, e.g. "202611221015+0300"
 
 
-class Coding(_Model):
+class Coding(FactModel):
     code: str
     system: str | None = None  # a URI (http://loinc.org) when known, else the HL7 coding system name
     display: str | None = None
 
 
-class CodeableConcept(_Model):
+class CodeableConcept(FactModel):
     codings: list[Coding] = Field(default_factory=list)  # CWE/CE identifier and alternate identifier
     text: str | None = None
 
 
-class Identifier(_Model):
+class Identifier(FactModel):
     value: str
     system: str | None = None  # URI from mappings/tables (assigning authority -> system), else None
     type: str | None = None  # HL7 table 0203 code: MR, NI (national), PI, VN, FILL, PLAC, ...
     assigner: str | None = None  # the assigning authority as sent (CX-4.1)
 
 
-class HumanName(_Model):
+class HumanName(FactModel):
     family: str | None = None
     given: list[str] = Field(default_factory=list)
     prefix: list[str] = Field(default_factory=list)
@@ -62,7 +65,7 @@ class HumanName(_Model):
     text: str | None = None
 
 
-class Address(_Model):
+class Address(FactModel):
     line: list[str] = Field(default_factory=list)
     city: str | None = None
     state: str | None = None
@@ -71,14 +74,14 @@ class Address(_Model):
     use: str | None = None
 
 
-class Quantity(_Model):
+class Quantity(FactModel):
     value: Decimal
     unit: str | None = None  # as displayed (OBX-6.2 or 6.1)
     system: str | None = None  # http://unitsofmeasure.org when the code is UCUM
     code: str | None = None  # UCUM code
 
 
-class Value(_Model):
+class Value(FactModel):
     """A typed observation value (OBX-2 decides the type)."""
 
     type: Literal["quantity", "coded", "string", "ratio", "range", "datetime", "sn"]
@@ -91,7 +94,7 @@ class Value(_Model):
     instant: Instant | None = None  # DT, DTM, TS
 
 
-class ReferenceRange(_Model):
+class ReferenceRange(FactModel):
     low: Quantity | None = None
     high: Quantity | None = None
     text: str | None = None  # OBX-7 as sent
@@ -99,7 +102,7 @@ class ReferenceRange(_Model):
 
 # -- facts ------------------------------------------------------------------------------------------
 
-class Patient(_Model):
+class Patient(FactModel):
     identifiers: list[Identifier] = Field(min_length=1)
     names: list[HumanName] = Field(default_factory=list)
     birth_date: Instant | None = None
@@ -109,7 +112,7 @@ class Patient(_Model):
     deceased: Instant | bool | None = None
 
 
-class Encounter(_Model):
+class Encounter(FactModel):
     key: str  # visit number (PV1-19), else the message's control ID
     status: str | None = None  # FHIR encounter-status
     class_code: str | None = None  # PV1-2 mapped to FHIR v3 ActCode (IMP, AMB, EMER, ...)
@@ -118,7 +121,7 @@ class Encounter(_Model):
     end: Instant | None = None
 
 
-class Report(_Model):
+class Report(FactModel):
     """A diagnostic report: one OBR (its order and the results under it)."""
 
     key: str  # filler order number (OBR-3.1, with its namespace), else placer (OBR-2)
@@ -131,7 +134,7 @@ class Report(_Model):
     performer: str | None = None  # the producing laboratory / organisation
 
 
-class Observation(_Model):
+class Observation(FactModel):
     key: str  # business key: report key + OBX-3 code (+ system) + OBX-4 sub-ID
     report_key: str | None = None
     code: CodeableConcept
@@ -149,7 +152,7 @@ class Observation(_Model):
     notes: list[str] = Field(default_factory=list)  # NTE under the OBX
 
 
-class Specimen(_Model):
+class Specimen(FactModel):
     key: str  # SPM-2 (specimen ID), else report key + SPM-1
     report_key: str | None = None
     type: CodeableConcept | None = None  # SPM-4
@@ -157,7 +160,7 @@ class Specimen(_Model):
     received: Instant | None = None  # SPM-18
 
 
-class Allergy(_Model):
+class Allergy(FactModel):
     key: str  # allergen code (AL1-3.1 with system), else its text
     code: CodeableConcept
     category: str | None = None  # AL1-2 -> food | medication | environment | biologic
@@ -166,7 +169,7 @@ class Allergy(_Model):
     onset: Instant | None = None  # AL1-6
 
 
-class Immunization(_Model):
+class Immunization(FactModel):
     key: str  # vaccine code + administration date (+ lot)
     vaccine: CodeableConcept  # RXA-5
     occurrence: Instant  # RXA-3
@@ -177,26 +180,26 @@ class Immunization(_Model):
     primary_source: bool | None = None  # RXA-9 00 new record = True, else historical
 
 
-class Condition(_Model):
+class Condition(FactModel):
     key: str  # diagnosis code (DG1-3.1 with system)
     code: CodeableConcept
     onset: Instant | None = None  # DG1-5
     category: str | None = None  # DG1-6 diagnosis type (A admitting, W working, F final)
 
 
-class Procedure(_Model):
+class Procedure(FactModel):
     key: str  # procedure code + time
     code: CodeableConcept
     performed: Instant | None = None  # PR1-5
 
 
-class Merge(_Model):
+class Merge(FactModel):
     """ADT^A40: the patient with these identifiers (MRG-1) is replaced by the message's patient."""
 
     replaced: list[Identifier] = Field(min_length=1)
 
 
-class MappedMessage(_Model):
+class MappedMessage(FactModel):
     """Everything a mapping produced from one message."""
 
     patient: Patient | None = None

@@ -19,8 +19,9 @@ procedures)
   patient and kind: keys come from the mappings and some fall back to values that are not globally
   unique, such as a placer order number or a control ID, so a key never reaches across patients;
   writes and reads look a key up across the patient's merge group, so a merge does not duplicate
-  facts), ``fact`` (the pydantic fact dumped with ``mode="json"``), ``content_hash`` (SHA-256 of
-  that JSON, canonical: the idempotence test), ``version`` (1, 2, … as corrections arrive),
+  facts), ``fact`` (the pydantic fact dumped with ``mode="json"``, written as canonical JSON: keys
+  sorted, compact), ``content_hash`` (SHA-256 of that text: the idempotence test), ``version`` (1,
+  2, … as corrections arrive),
   ``message_uid`` (the ``messages.uid`` of the message that wrote this version), ``message_time``
   (MSH-7, else the receipt time: an older message does not overwrite a newer fact), ``created_at``
   and ``updated_at``; plus the indexed columns that searches need (codes, statuses, times,

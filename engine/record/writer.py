@@ -31,10 +31,12 @@ import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import orjson
 from pydantic import BaseModel
+from pydantic_core import to_jsonable_python
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -68,7 +70,7 @@ from engine.record.models import (
     rec_patients,
 )
 from engine.store.bulk import multirow_statements, sqlite_time
-from engine.store.db import json_text
+from engine.store.db import JsonText, json_text
 from engine.store.schema import UTCDateTime
 
 ASSIGNER_PREFIX = "assigner:"
@@ -425,19 +427,95 @@ def db_key(key: str) -> str:
     return f"{key[:KEY_LENGTH - 65]}#{hashlib.sha256(key.encode()).hexdigest()}"
 
 
-def dump(fact: BaseModel) -> tuple[dict[str, Any], str]:
-    """The fact as JSON-ready data and the SHA-256 of its canonical text (the idempotence test).
+def dump(fact: BaseModel) -> tuple[JsonText, str]:
+    """The fact's canonical JSON text, which is what the record stores, and its SHA-256 (the
+    idempotence test: a fact whose hash is the stored one is unchanged).
 
-    Canonical text: keys sorted, no spaces, UTF-8 — ``json.dumps(data, sort_keys=True,
-    separators=(",", ":"), ensure_ascii=False)``, which orjson produces byte for byte (ten times
-    faster) for fact data, which holds no floats (quantities are decimal strings)."""
-    data: dict[str, Any] = fact.model_dump(mode="json")
-    return data, hashlib.sha256(canonical(data)).hexdigest()
+    Canonical text: the fact's ``model_dump(mode="json")`` as ``json.dumps(data, sort_keys=True,
+    separators=(",", ":"), ensure_ascii=False)`` writes it, UTF-8. ``fact_data`` builds that data with
+    its keys already sorted and orjson writes the same text byte for byte (ten times faster) for fact
+    data, which holds no floats (quantities are decimal strings)."""
+    text = canonical(fact_data(fact), sort=False)
+    return JsonText(text.decode()), hashlib.sha256(text).hexdigest()
 
 
-def canonical(data: Any) -> bytes:
+def fact_data(fact: BaseModel) -> dict[str, Any]:
+    """``fact.model_dump(mode="json")`` of a fact model (engine.record.facts), with the keys of every
+    object in sorted order. Values of other types than the facts hold (str, bool, int, None, lists,
+    Decimal, UTC datetimes, fact models) are left to pydantic's own conversion, so the result is
+    always pydantic's."""
+    names = _FIELDS.get(type(fact))
+    if names is None:
+        data: dict[str, Any] = _sorted_data(fact.model_dump(mode="json"))
+        return data
+    return _model_data(fact, names)
+
+
+def _fields(cls: type[BaseModel]) -> dict[type, tuple[str, ...]]:
+    out: dict[type, tuple[str, ...]] = {cls: tuple(sorted(cls.model_fields))}
+    for sub in cls.__subclasses__():
+        out.update(_fields(sub))
+    return out
+
+
+_FIELDS = {cls: names for cls, names in _fields(F.FactModel).items() if cls is not F.FactModel}
+
+
+# Values the mapping converts once and shares between facts and messages (engine.mapping.convert.new:
+# facts are read-only once built): their JSON data is kept too, by identity.
+_SHARED_KINDS = frozenset({F.Coding, F.CodeableConcept, F.Quantity, F.ReferenceRange, F.Identifier, F.HumanName,
+                           F.Address})
+_SHARED: dict[int, tuple[Any, dict[str, Any]]] = {}
+
+
+def _model_data(fact: Any, names: tuple[str, ...]) -> dict[str, Any]:
+    values: dict[str, Any] = fact.__dict__
+    if len(values) != len(names):  # not built with every field (cannot happen to a fact): pydantic's
+        data: dict[str, Any] = _sorted_data(fact.model_dump(mode="json"))
+        return data
+    return {name: _json_value(values[name]) for name in names}
+
+
+def _json_value(v: Any) -> Any:
+    if v is None:
+        return v
+    t = type(v)
+    if t is str or t is bool or t is int:
+        return v
+    names = _FIELDS.get(t)
+    if names is not None:
+        if t not in _SHARED_KINDS:
+            return _model_data(v, names)
+        hit = _SHARED.get(id(v))
+        if hit is not None and hit[0] is v:
+            return hit[1]
+        data = _model_data(v, names)
+        if len(_SHARED) >= 4096:
+            _SHARED.clear()
+        _SHARED[id(v)] = (v, data)  # the entry keeps v alive: its id is not reused while cached
+        return data
+    if t is list:
+        return [_json_value(x) for x in v]
+    if t is Decimal:
+        return str(v)  # pydantic's JSON form of a Decimal
+    if t is datetime and v.tzinfo is UTC:
+        return v.isoformat()[:-6] + "Z"  # "+00:00" written as pydantic writes it
+    return _sorted_data(to_jsonable_python(v))
+
+
+def _sorted_data(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _sorted_data(data[k]) for k in sorted(data)}
+    if isinstance(data, list):
+        return [_sorted_data(x) for x in data]
+    return data
+
+
+def canonical(data: Any, sort: bool = True) -> bytes:
+    """``json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)`` as UTF-8
+    (``sort=False``: for data whose keys are in sorted order already)."""
     try:
-        return orjson.dumps(data, option=orjson.OPT_SORT_KEYS)
+        return orjson.dumps(data, option=orjson.OPT_SORT_KEYS if sort else None)
     except (TypeError, orjson.JSONEncodeError):  # e.g. an integer beyond 64 bits
         return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
@@ -709,7 +787,7 @@ class Replacement:
     ``when``; ``stored`` is its stored row (content_hash, message_time) or None when not read yet."""
 
     row_id: int
-    data: dict[str, Any]
+    data: JsonText
     digest: str
     columns: dict[str, Any]
     stored: Any

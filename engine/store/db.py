@@ -71,8 +71,18 @@ def make_engine(url: str, *, pool_size: int = 5, writer: bool = False, repeatabl
     )
 
 
+class JsonText(str):
+    """A value already serialised as JSON text (the record's facts, see ``engine.record.writer.dump``):
+    a JSON column stores it as it is, instead of serialising it again as a JSON string."""
+
+    __slots__ = ()
+
+
 def json_text(value: Any) -> str:
-    """JSON columns' serializer: orjson (the record's facts are its main JSON), json for what it refuses."""
+    """JSON columns' serializer: orjson (the record's facts are its main JSON), json for what it refuses;
+    a ``JsonText`` is already JSON."""
+    if type(value) is JsonText:
+        return str(value)
     try:
         return orjson.dumps(value).decode()
     except (TypeError, orjson.JSONEncodeError):
