@@ -158,6 +158,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"are above. To run it by hand:\n  cd {ROOT} && HL7ENGINE_COMPILE=1 {' '.join(argv)}",
                   file=sys.stderr)
             return done.returncode
+        # the extensions now hold the sources as they are; setuptools copies them from build/ with
+        # the date of the last compilation, which mypyc skips for a module whose content did not
+        # change (a file restored or checked out again): date them now, or stale() would say they
+        # are older than their source
+        for p in _artifacts():
+            os.utime(p)
         print(describe())
         return 0
     print("usage: python -m engine.accel [status|build|clean]", file=sys.stderr)

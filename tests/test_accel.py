@@ -146,3 +146,24 @@ def test_a_failed_build_shows_mypys_errors_and_how_to_rerun_it(fake_build: Path,
     out, err = capsys.readouterr()
     assert "engine/x.py:3: error: Incompatible types" in out
     assert "HL7ENGINE_COMPILE=1" in err and "setup.py build_ext --inplace" in err
+
+
+def test_a_build_that_recompiled_nothing_is_not_stale(fake_build: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """mypyc does not recompile a module whose content is unchanged (a file restored after an
+    experiment, a branch checked out again), and setuptools copies the old extension with its old
+    date: the build itself must date what it leaves, or the engine would warn that old code runs."""
+    shared = fake_build.parent / "engine" / f"{accel.SHARED_LIBRARY}{SUFFIX}"
+    shared.parent.mkdir()
+
+    def run(argv: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
+        # the shim and the shared library, copied from build/ with the time of an earlier compilation
+        old = os.stat(fake_build / "mod.py").st_mtime - 50
+        for p in (fake_build / f"mod{SUFFIX}", shared):
+            p.write_bytes(b"not loaded")
+            os.utime(p, (old, old))
+        assert accel.stale() == ["fakepkg.mod"]
+        return subprocess.CompletedProcess(argv, 0, stdout="")
+
+    monkeypatch.setattr(accel.subprocess, "run", run)
+    assert accel.main(["build"]) == 0
+    assert accel.stale() == []
