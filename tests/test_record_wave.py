@@ -348,3 +348,44 @@ def test_sqlite_lookups_search_the_indexes(tmp_path: Any) -> None:
             scans = [step for step in plan if step.startswith("SCAN rec_")]
             assert not scans, (statement[:120], plan)
     engine.dispose()
+
+
+def test_postgresql_lookups_are_one_statement_whatever_the_count(postgres_url: str) -> None:
+    """On PostgreSQL a wave's lookups (and the worker's reads by message uid) give their values as
+    arrays (``= ANY``): an IN list's text changed with every count, so psycopg converted each
+    statement anew and never prepared it, and PostgreSQL parsed and planned one parameter per value.
+    The lookups must still be index searches and find what IN found."""
+    from sqlalchemy import event
+
+    db.upgrade(postgres_url)
+    engine = db.make_engine(postgres_url, writer=True)
+    sizes = (3, 17, 40)
+    texts: dict[int, set[str]] = {}
+    selects: list[tuple[str, Any]] = []
+    for n in sizes:
+        items = [(lab_message(ident(f"MRN-{n}-{i}"), minutes=i), f"m{n}-{i}") for i in range(n)]
+        with engine.begin() as conn:
+            first = apply_wave(conn, [(m, uid, T0) for m, uid in items])
+        seen: list[tuple[str, Any]] = []
+
+        def keep(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any,
+                 seen: list[tuple[str, Any]] = seen) -> None:
+            if statement.lstrip().upper().startswith("SELECT"):
+                seen.append((statement, parameters))
+
+        event.listen(engine, "before_cursor_execute", keep)
+        with engine.begin() as conn:  # known patients: identifiers and every kind of fact are looked up
+            again = apply_wave(conn, [(m, f"again-{uid}", T0) for m, uid in items])
+        event.remove(engine, "before_cursor_execute", keep)
+        assert [r.patient_id for r in again] == [r.patient_id for r in first]
+        assert all(r.kinds["observation"].unchanged and not r.inserted for r in again), again[0].kinds
+        texts[n] = {s for s, _ in seen}
+        selects += seen
+    assert texts[sizes[0]] == texts[sizes[1]] == texts[sizes[2]], "the statements' text changed with the count"
+    assert all("ANY" in s for s in texts[sizes[0]]) and len(texts[sizes[0]]) >= 2
+    with engine.connect() as conn:
+        conn.exec_driver_sql("SET enable_seqscan = off")  # tiny tables: ask whether an index can serve
+        for statement, parameters in selects[-len(texts[sizes[2]]):]:
+            plan = "\n".join(r[0] for r in conn.exec_driver_sql(f"EXPLAIN {statement}", parameters))
+            assert "Seq Scan on rec_" not in plan, (statement[:120], plan)
+    engine.dispose()

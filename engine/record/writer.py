@@ -69,7 +69,7 @@ from engine.record.models import (
     rec_patient_links,
     rec_patients,
 )
-from engine.store.bulk import multirow_statements, sqlite_time
+from engine.store.bulk import multirow_statements, one_of, sqlite_time
 from engine.store.db import JsonText, json_text
 from engine.store.schema import UTCDateTime
 
@@ -212,7 +212,7 @@ def _apply_wave(conn: Connection, items: list[tuple[F.MappedMessage, str, dateti
     all_keys = list(owner)
     for start in range(0, len(all_keys), CHUNK):
         chunk = all_keys[start:start + CHUNK]
-        rows: Sequence[Any] = conn.execute(_identified().where(_pairs(t.c.namespace, t.c.value, chunk))).all()
+        rows: Sequence[Any] = conn.execute(_identified().where(_pairs(conn, t.c.namespace, t.c.value, chunk))).all()
         for r in rows:
             if (r.namespace, r.value) not in owner:
                 continue
@@ -273,7 +273,7 @@ def _apply_wave(conn: Connection, items: list[tuple[F.MappedMessage, str, dateti
             pairs = lookups[start:start + CHUNK]
             stored_rows: Sequence[Any] = conn.execute(
                 select(table.c.id, table.c.patient_id, table.c.key, table.c.content_hash, table.c.message_time)
-                .where(_pairs(table.c.patient_id, table.c.key, pairs))).all()
+                .where(_pairs(conn, table.c.patient_id, table.c.key, pairs))).all()
             for r in stored_rows:
                 existing.setdefault(int(r.patient_id), {})[r.key] = r  # a superset of the pairs: extras unused
         new_rows: list[dict[str, Any]] = []
@@ -296,11 +296,12 @@ def _apply_wave(conn: Connection, items: list[tuple[F.MappedMessage, str, dateti
     return results
 
 
-def _pairs(a: Any, b: Any, pairs: list[tuple[Any, Any]]) -> Any:
+def _pairs(conn: Connection, a: Any, b: Any, pairs: list[tuple[Any, Any]]) -> Any:
     """A condition that holds for these (a, b) pairs, and possibly for a few more (the caller drops
-    them): ``a IN (...) AND b IN (...)``. Both databases answer it from the unique (a, b) index,
-    while SQLite answers a row-value ``(a, b) IN (VALUES ...)`` by scanning the whole index."""
-    return and_(a.in_(sorted({x for x, _ in pairs})), b.in_(sorted({y for _, y in pairs})))
+    them): ``a IN (...) AND b IN (...)`` (PostgreSQL: ``= ANY`` of arrays, see ``one_of``). Both
+    databases answer it from the unique (a, b) index, while SQLite answers a row-value
+    ``(a, b) IN (VALUES ...)`` by scanning the whole index."""
+    return and_(one_of(conn, a, sorted({x for x, _ in pairs})), one_of(conn, b, sorted({y for _, y in pairs})))
 
 
 COPY_FROM = 20  # rows from which PostgreSQL gets them by COPY rather than by INSERT
@@ -803,7 +804,7 @@ def replace_many(conn: Connection, table: Table, kind: str, items: list[Replacem
     fetched: dict[int, Any] = {}
     if missing:
         rows: Sequence[Any] = conn.execute(select(table.c.id, table.c.content_hash, table.c.message_time)
-                                           .where(table.c.id.in_(missing))).all()
+                                           .where(one_of(conn, table.c.id, missing))).all()
         fetched = {int(r.id): r for r in rows}
     outcomes: list[str] = []
     changed: list[Replacement] = []
@@ -831,7 +832,7 @@ def replace_many(conn: Connection, table: Table, kind: str, items: list[Replacem
                    table.c.key if is_fact else literal(None, h.c.key.type), table.c.fact, table.c.content_hash,
                    table.c.version, table.c.message_uid, table.c.message_time,
                    literal(now, h.c.superseded_at.type), literal(uid))
-            .where(table.c.id.in_(ids)).order_by(table.c.id)))
+            .where(one_of(conn, table.c.id, ids)).order_by(table.c.id)))
     names = list(changed[0].columns)
     stmt = update(table).where(table.c.id == bindparam("b_id")).values(
         fact=bindparam("b_fact", type_=table.c.fact.type), content_hash=bindparam("b_hash"),

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Dialect, Table
+from sqlalchemy import ARRAY, ColumnElement, Connection, Dialect, Table, any_, bindparam
 
 
 @lru_cache(maxsize=32)
@@ -84,3 +84,13 @@ def multirow_statements(table: Table, columns: tuple[str, ...], paramstyle: str,
 def in_list(paramstyle: str, n: int) -> str:
     mark = "?" if paramstyle == "qmark" else "%s"
     return ", ".join([mark] * n)
+
+
+def one_of(conn: Connection, column: ColumnElement[Any], values: Sequence[Any]) -> ColumnElement[bool]:
+    """``column IN (values)``; on PostgreSQL ``column = ANY(%s)`` with the values as one array. An IN
+    list's text changes with the count of values, so psycopg converted each such statement anew and
+    never prepared it, and PostgreSQL parsed and planned one parameter per value; the array's
+    statement is the same whatever the count."""
+    if conn.dialect.name == "postgresql":
+        return column == any_(bindparam(None, list(values), type_=ARRAY(column.type)))
+    return column.in_(values)

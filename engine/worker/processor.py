@@ -30,6 +30,7 @@ from engine.hl7.message import Message
 from engine.observe import get_logger
 from engine.outbound.appack import AppAcks
 from engine.outbound.forward import Forwards
+from engine.store.bulk import one_of
 from engine.store.commits import OUTCOMES
 from engine.store.keys import Key, search_keys, write_keys
 from engine.store.schema import message_events, messages, outbound, parked_patients
@@ -268,7 +269,7 @@ class Processor:
                        messages.c.status, messages.c.sending_facility, messages.c.control_id,
                        messages.c.message_type, messages.c.trigger_event, messages.c.structure,
                        messages.c.version, messages.c.received_at
-                       ).where(messages.c.uid.in_(wanted[start:start + CHUNK])).order_by(messages.c.id)
+                       ).where(one_of(conn, messages.c.uid, wanted[start:start + CHUNK])).order_by(messages.c.id)
             if lock and conn.dialect.name == "postgresql":
                 q = q.with_for_update()
             rows += conn.execute(q).all()
@@ -337,7 +338,7 @@ class Processor:
         for start in range(0, len(keys), CHUNK):
             parked: Sequence[Any] = conn.execute(
                 select(parked_patients.c.patient_key, parked_patients.c.message_uid)
-                .where(parked_patients.c.patient_key.in_(keys[start:start + CHUNK]))).all()
+                .where(one_of(conn, parked_patients.c.patient_key, keys[start:start + CHUNK]))).all()
             for r in parked:
                 batch.parked[r.patient_key] = r.message_uid
         return batch
