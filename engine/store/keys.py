@@ -102,7 +102,7 @@ def write_keys(conn: Connection, keys: dict[int, list[Key]]) -> None:
         chunk = [c[start:start + 500] for c in cols]
         if name == "postgresql":  # four arrays, one statement whatever the count: prepared once
             conn.exec_driver_sql("INSERT INTO message_keys (message_id, kind, value, authority) "
-                                 "SELECT * FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[]) "
+                                 "SELECT * FROM unnest(%b::bigint[], %b::text[], %b::text[], %b::text[]) "
                                  "ON CONFLICT DO NOTHING", tuple(chunk))
         else:
             n = len(chunk[0])

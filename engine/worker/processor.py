@@ -446,12 +446,12 @@ class Processor:
             final = list({m["b_id"]: m for m in marks}.values())  # a message's last mark is its status
             conn.exec_driver_sql(
                 "UPDATE messages SET status = u.status, error_step = u.step, error = u.error, updated_at = u.at "
-                "FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[], %s::timestamptz[]) "
+                "FROM unnest(%b::bigint[], %b::text[], %b::text[], %b::text[], %b::timestamptz[]) "
                 "AS u(id, status, step, error, at) WHERE messages.id = u.id",
                 tuple([m[k] for m in final] for k in ("b_id", "b_status", "b_step", "b_error", "b_at")))
             conn.exec_driver_sql(
                 "INSERT INTO message_events (message_id, at, status, step, detail) "
-                "SELECT * FROM unnest(%s::bigint[], %s::timestamptz[], %s::text[], %s::text[], %s::text[])",
+                "SELECT * FROM unnest(%b::bigint[], %b::timestamptz[], %b::text[], %b::text[], %b::text[])",
                 tuple([m[k] for m in marks] for k in ("b_id", "b_at", "b_status", "b_step", "b_error")))
             return
         conn.execute(update(messages).where(messages.c.id == bindparam("b_id")).values(
