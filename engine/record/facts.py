@@ -26,10 +26,13 @@ Precision = Literal["year", "month", "day", "hour", "minute", "second", "millise
 
 
 class FactModel(BaseModel):
-    """Every model of this module (facts and the values in them)."""
+    """Every model of this module (facts and the values in them).
+
+    Read-only once built: the mapping shares a converted value (a coding, a unit, a reference
+    range) between facts and messages, and the record writer keeps the JSON of such values by
+    identity (engine.record.writer.fact_data). Build a new object rather than change one."""
 
     model_config = ConfigDict(extra="forbid", frozen=False)
-
 
 
 class Instant(FactModel):
