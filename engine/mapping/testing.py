@@ -35,6 +35,7 @@ from engine.mapping.errors import MappingError
 from engine.mapping.loader import MappingSet, load_mappings, shown_path
 from engine.mapping.model import FixtureFile
 from engine.record.facts import MappedMessage
+from engine.record.writer import sorted_data
 
 
 @dataclass(slots=True)
@@ -158,16 +159,8 @@ def _yaml_text(data: Any) -> list[str]:
     yaml.allow_unicode = True
     yaml.width = 4096
     buf = io.StringIO()
-    yaml.dump(_sorted(data), buf)
+    yaml.dump(sorted_data(data), buf)
     return buf.getvalue().splitlines(keepends=True)
-
-
-def _sorted(data: Any) -> Any:
-    if isinstance(data, dict):
-        return {k: _sorted(data[k]) for k in sorted(data)}
-    if isinstance(data, list):
-        return [_sorted(x) for x in data]
-    return data
 
 
 def diff(expected: Any, actual: Any) -> str:

@@ -298,17 +298,16 @@ def _insert_patients(conn: Connection, rows: list[tuple[JsonText, str, str, date
     and the rows go in like the facts (``bulk_insert``: COPY from 20 rows): SQLAlchemy's multi-row
     ``INSERT … RETURNING`` was a new statement text for every count (25 kB for 100 patients), which
     psycopg converted and PostgreSQL parsed each time."""
+    values = [{"fact": fact, "content_hash": digest, "version": 1, "message_uid": uid, "message_time": when,
+               "created_at": now, "updated_at": now} for fact, digest, uid, when in rows]
     if conn.dialect.name == "postgresql":
         ids = [int(r[0]) for r in conn.exec_driver_sql(
             "SELECT nextval(pg_get_serial_sequence('rec_patients', 'id')) FROM generate_series(1, %s)", (len(rows),))]
-        bulk_insert(conn, rec_patients, [
-            {"id": pid, "fact": fact, "content_hash": digest, "version": 1, "message_uid": uid, "message_time": when,
-             "created_at": now, "updated_at": now} for pid, (fact, digest, uid, when) in zip(ids, rows, strict=True)])
+        bulk_insert(conn, rec_patients, [{"id": pid, **v} for pid, v in zip(ids, values, strict=True)])
         return {uid: pid for pid, (_, _, uid, _) in zip(ids, rows, strict=True)}
     # RETURNING with the message uid (unique in the wave) says which row is whose, in any order
-    found: Sequence[Any] = conn.execute(insert(rec_patients).returning(rec_patients.c.id, rec_patients.c.message_uid), [
-        {"fact": fact, "content_hash": digest, "version": 1, "message_uid": uid, "message_time": when,
-         "created_at": now, "updated_at": now} for fact, digest, uid, when in rows]).all()
+    found: Sequence[Any] = conn.execute(
+        insert(rec_patients).returning(rec_patients.c.id, rec_patients.c.message_uid), values).all()
     return {str(r.message_uid): int(r.id) for r in found}
 
 
@@ -461,11 +460,8 @@ def fact_data(fact: BaseModel) -> dict[str, Any]:
     object in sorted order. Values of other types than the facts hold (str, bool, int, None, lists,
     Decimal, UTC datetimes, fact models) are left to pydantic's own conversion, so the result is
     always pydantic's."""
-    names = _FIELDS.get(type(fact))
-    if names is None:
-        data: dict[str, Any] = _sorted_data(fact.model_dump(mode="json"))
-        return data
-    return _model_data(fact, names)
+    data: dict[str, Any] = _json_value(fact)
+    return data
 
 
 def _fields(cls: type[BaseModel]) -> dict[type, tuple[str, ...]]:
@@ -488,7 +484,7 @@ _SHARED: dict[int, tuple[Any, dict[str, Any]]] = {}
 def _model_data(fact: Any, names: tuple[str, ...]) -> dict[str, Any]:
     values: dict[str, Any] = fact.__dict__
     if len(values) != len(names):  # not built with every field (cannot happen to a fact): pydantic's
-        data: dict[str, Any] = _sorted_data(fact.model_dump(mode="json"))
+        data: dict[str, Any] = sorted_data(fact.model_dump(mode="json"))
         return data
     return {name: _json_value(values[name]) for name in names}
 
@@ -517,14 +513,15 @@ def _json_value(v: Any) -> Any:
         return str(v)  # pydantic's JSON form of a Decimal
     if t is datetime and v.tzinfo is UTC:
         return v.isoformat()[:-6] + "Z"  # "+00:00" written as pydantic writes it
-    return _sorted_data(to_jsonable_python(v))
+    return sorted_data(to_jsonable_python(v))
 
 
-def _sorted_data(data: Any) -> Any:
+def sorted_data(data: Any) -> Any:
+    """JSON-ready data with the keys of every object in sorted order."""
     if isinstance(data, dict):
-        return {k: _sorted_data(data[k]) for k in sorted(data)}
+        return {k: sorted_data(data[k]) for k in sorted(data)}
     if isinstance(data, list):
-        return [_sorted_data(x) for x in data]
+        return [sorted_data(x) for x in data]
     return data
 
 
