@@ -10,6 +10,8 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine.hl7.message import Message
 from engine.mapping import MapContext, MappingError, load_mappings
@@ -17,6 +19,7 @@ from engine.mapping import convert as cv
 from engine.mapping.expr import ExprError, parse
 from engine.mapping.paths import PathError, check_path, parse_path
 from engine.mapping.testing import format_results, run_tests
+from engine.record.facts import Value
 from tests.conftest import ROOT
 
 
@@ -103,6 +106,43 @@ def test_numbers_sn_and_ranges() -> None:
     assert rr is not None and rr.low is not None and rr.low.value == Decimal("3.5")
     rr = cv.reference_range("<5", None, c)
     assert rr is not None and rr.high is not None and rr.low is None
+
+
+def _nm_by_pattern(text: str, c: cv.Conv) -> Value | str:
+    """NM read by the pattern alone (as before the fast path for plain numbers): the reference."""
+    s = text.strip()
+    m = cv._NUMERIC_WITH_COMPARATOR.match(s) or (cv._NUMERIC_WITH_COMPARATOR.match(s.replace(" ", ""))
+                                                 if " " in s else None)
+    if m is None:
+        return "refused"
+    q = cv.quantity(Decimal(m.group(2)), ["mg/dL", "", "UCUM"], c)
+    if m.group(1) in (None, "="):
+        return cv.new(Value, type="quantity", quantity=q)
+    return cv.new(Value, type="quantity", quantity=q, comparator=m.group(1))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(st.text(alphabet="0123456789.", min_size=1, max_size=8),
+                 st.text(alphabet="0123456789.+-<>= \u0660\u00b2\uff11e_", min_size=1, max_size=8),
+                 st.sampled_from(["6.1", "254", ".5", "5.", "1.2.3", ".", "..", "007", "1_000", "1e5", "٣",
+                                  "²", "１", " 4.2 ", "+4", "-0.0", "<=5", "0 .07"])))
+def test_nm_reads_plain_numbers_as_the_pattern_does(text: str) -> None:
+    """Plain numbers skip the pattern (the common case); the result must be the pattern's, and what
+    the pattern refuses (other digits than ASCII, two dots, "1e5", "1_000", which Decimal would
+    take) must still be refused."""
+    c = _conv()
+    want = _nm_by_pattern(text, c)
+    if not text.strip() or text.strip() == '""':
+        assert cv.nm(text, ["mg/dL", "", "UCUM"], c) is None
+        return
+    if want == "refused":
+        with pytest.raises(cv.ConversionError):
+            cv.nm(text, ["mg/dL", "", "UCUM"], c)
+        return
+    got = cv.nm(text, ["mg/dL", "", "UCUM"], c)
+    assert got == want and got is not None and got.quantity is not None
+    assert isinstance(want, Value) and want.quantity is not None
+    assert str(got.quantity.value) == str(want.quantity.value)  # the same digits, not only an equal number
 
 
 def test_coded_names_identifiers() -> None:

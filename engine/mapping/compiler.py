@@ -638,7 +638,7 @@ class Compiler:
                     if p.many:
                         v = []
                 vals[p.name] = v
-            obj = cv.new(model, **vals)
+            obj = cv.new_from(model, vals)
             return [obj] if target.many else obj
         return CField(name, build, self.where(loc), name, target.many, spec.required, target.min_len, skip,
                       target.allowed)

@@ -46,6 +46,12 @@ def new(cls: type[_M], **values: Any) -> _M:
 
     Facts are read-only once built: identical coded values, names and identifiers are converted
     once and the same object is shared by every fact (and message) that holds them."""
+    return new_from(cls, values)
+
+
+def new_from(cls: type[_M], values: dict[str, Any]) -> _M:
+    """``new(cls, **values)`` for values already in a dict (not kept): compiled, a call with
+    ``**`` goes through Python's argument parsing, which cost as much as the building."""
     shape = _SHAPES.get(cls)
     if shape is None:
         defaults: dict[str, Any] = {}
@@ -58,7 +64,8 @@ def new(cls: type[_M], **values: Any) -> _M:
         shape = _SHAPES[cls] = (defaults, tuple(factories))
     data = shape[0].copy()
     for name, factory in shape[1]:
-        data[name] = factory()
+        if name not in values:
+            data[name] = [] if factory is list else factory()
     data.update(values)
     obj = _object_new(cls)
     _set_dict(obj, data)
@@ -562,6 +569,8 @@ def nm(text: str | None, unit: Parts | None, cv: Conv) -> Value | None:
     s = text1(text)
     if s is None:
         return None
+    if s.isascii() and s.replace(".", "", 1).isdigit():  # "6.1", "254", ".5": most values, no regex
+        return new(Value, type="quantity", quantity=quantity(Decimal(s), unit, cv))
     m = _NUMERIC_WITH_COMPARATOR.match(s)
     if m is None and " " in s:  # "0 .07": a space typed inside the number
         m = _NUMERIC_WITH_COMPARATOR.match(s.replace(" ", ""))

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.hl7.message import Message, Segment
-from engine.mapping.convert import Conv, ConversionError, Table, TextRep, Unmapped, new, zone
+from engine.mapping.convert import Conv, ConversionError, Table, TextRep, Unmapped, new_from, zone
 from engine.mapping.errors import MappingError
 from engine.mapping.paths import ALL, Path
 from engine.record.facts import MappedMessage
@@ -401,7 +401,7 @@ class Mapping_:
             message_time = self._field(self.message_time, Scope(run, None, {}), None, "message_time")
         values: dict[str, Any] = {k: v for k, v in lists.items() if k != "patient"}
         values.update(patient=patient, message_time=message_time, unused_segments=self._unused(run))
-        return new(MappedMessage, **values)
+        return new_from(MappedMessage, values)
 
     def _unused(self, run: Run) -> list[str]:
         out: list[str] = []
@@ -471,4 +471,4 @@ class Mapping_:
             vals["key"] = key
             idx = sc.item.index if sc.item is not None else -1
             sc.run.keys[(rule.kind, idx)] = key
-        return new(rule.model, **vals)
+        return new_from(rule.model, vals)
