@@ -475,9 +475,10 @@ _FIELDS = {cls: names for cls, names in _fields(F.FactModel).items() if cls is n
 
 
 # Values the mapping converts once and shares between facts and messages (engine.mapping.convert.new:
-# facts are read-only once built): their JSON data is kept too, by identity.
+# facts are read-only once built): their JSON data is kept too, by identity. Instants included: the
+# mapping reads a time once per text, so an ORU's ten OBX-14 (or their OBR-7) are one object.
 _SHARED_KINDS = frozenset({F.Coding, F.CodeableConcept, F.Quantity, F.ReferenceRange, F.Identifier, F.HumanName,
-                           F.Address})
+                           F.Address, F.Instant})
 _SHARED: dict[int, tuple[Any, dict[str, Any]]] = {}
 
 
@@ -535,6 +536,8 @@ def canonical(data: Any, sort: bool = True) -> bytes:
 
 
 def _utc(dt: datetime) -> datetime:
+    if dt.tzinfo is UTC:  # what facts hold: astimezone would build the same datetime again
+        return dt
     return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
 
 
