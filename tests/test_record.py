@@ -200,6 +200,78 @@ def test_migration_0009_keeps_stored_facts_both_ways(backend: str, request: pyte
     assert [fk["referred_table"] for fk in fks] == ["rec_patients"]
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_migration_0010_partial_alt_code_index_and_no_event_foreign_key(backend: str, request: pytest.FixtureRequest,
+                                                                        tmp_path: Any) -> None:
+    """0010: the alternate-code index lists only observations that have one, and still serves a
+    search by alternate code; message events no longer reference messages by a foreign key. Rows
+    written before it read back the same, both ways (down to 0009 and up again)."""
+    from alembic import command
+
+    from engine.store.schema import message_events, messages
+
+    url = f"sqlite:///{tmp_path / 'old.db'}" if backend == "sqlite" else request.getfixturevalue("postgres_url")
+    db.upgrade(url, "0009")
+    eng = db.make_engine(url)
+    try:
+        with eng.begin() as conn:
+            assert [fk["referred_table"] for fk in inspect(conn).get_foreign_keys("message_events")] == ["messages"]
+            mid = conn.execute(messages.insert().returning(messages.c.id), {
+                "uid": "u1", "channel": "lab", "received_at": T0, "size": 1, "sha256": "0" * 64, "accepted": True,
+                "status": "processed", "raw": b"MSH|"}).scalar_one()
+            conn.execute(message_events.insert(), {"message_id": mid, "at": T0, "status": "processed"})
+            for n, alt in enumerate(["2345-7", None]):
+                conn.execute(rec_observations.insert(), {
+                    "patient_id": 7, "key": f"k{n}", "fact": {"n": n}, "alt_code": alt, "status": "final",
+                    "content_hash": "h", "version": 1, "message_uid": "u1", "message_time": T0, "created_at": T0,
+                    "updated_at": T0})
+    finally:
+        eng.dispose()
+
+    def check(after: bool) -> None:
+        e = db.make_engine(url)
+        try:
+            with e.begin() as conn:
+                fks = inspect(conn).get_foreign_keys("message_events")
+                assert [fk["referred_table"] for fk in fks] == ([] if after else ["messages"])
+                assert conn.execute(select(message_events.c.message_id, message_events.c.status)).all() == [
+                    (1, "processed")]
+                q = ("SELECT key FROM rec_observations WHERE patient_id = 7 AND alt_code = '2345-7'")
+                assert conn.exec_driver_sql(q).scalars().all() == ["k0"]
+                if backend == "postgresql":
+                    conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
+                    plan = "\n".join(r[0] for r in conn.exec_driver_sql(f"EXPLAIN {q}"))
+                    size = conn.exec_driver_sql(
+                        "SELECT count(*) FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+                        "WHERE c.relname = 'ix_rec_observations_patient_id_alt_code' AND i.indpred IS NOT NULL"
+                    ).scalar_one()
+                    assert size == (1 if after else 0)
+                else:
+                    plan = "\n".join(str(r[-1]) for r in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {q}"))
+                    sql = conn.exec_driver_sql("SELECT sql FROM sqlite_master WHERE name = "
+                                               "'ix_rec_observations_patient_id_alt_code'").scalar_one()
+                    assert ("WHERE alt_code IS NOT NULL" in sql) is after, sql
+                assert "ix_rec_observations_patient_id_alt_code" in plan, plan
+                if after:
+                    assert _diff(conn, record_metadata) == []
+        finally:
+            e.dispose()
+
+    db.upgrade(url)
+    check(after=True)
+    eng = db.make_engine(url)
+    try:
+        with eng.begin() as conn:
+            cfg = db.alembic_config(url)
+            cfg.attributes["connection"] = conn
+            command.downgrade(cfg, "0009")
+    finally:
+        eng.dispose()
+    check(after=False)
+    db.upgrade(url)
+    check(after=True)
+
+
 def test_upgrade_is_idempotent(db_url: str) -> None:
     db.upgrade(db_url)
     assert db.current_revision(db_url) is not None

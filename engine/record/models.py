@@ -174,7 +174,10 @@ rec_observations = _fact_table(
     Column("issued", UTCDateTime),
 )
 Index("ix_rec_observations_patient_id_code", rec_observations.c.patient_id, rec_observations.c.code)
-Index("ix_rec_observations_patient_id_alt_code", rec_observations.c.patient_id, rec_observations.c.alt_code)
+# only the rows with an alternate code (migration 0010): many senders send one coding, and a search
+# by alt_code = X (which implies it is not null) can use the partial index
+Index("ix_rec_observations_patient_id_alt_code", rec_observations.c.patient_id, rec_observations.c.alt_code,
+      postgresql_where=rec_observations.c.alt_code.is_not(None), sqlite_where=rec_observations.c.alt_code.is_not(None))
 Index("ix_rec_observations_patient_id_report_key", rec_observations.c.patient_id, rec_observations.c.report_key)
 
 rec_specimens = _fact_table(

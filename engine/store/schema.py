@@ -147,7 +147,7 @@ message_events = Table(
     "message_events",
     metadata,
     Column("id", Id, primary_key=True, autoincrement=True),
-    Column("message_id", Id, ForeignKey("messages.id"), nullable=False),
+    Column("message_id", Id, nullable=False),  # no foreign key (migration 0010), as message_keys
     Column("at", UTCDateTime, nullable=False),
     Column("status", String(16), nullable=False),
     Column("step", String(16)),
