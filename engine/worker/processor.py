@@ -184,7 +184,7 @@ class Processor:
             if isinstance(prepared, Outcome):
                 batch.keep(done)
                 outcomes[i] = prepared
-            elif not prepared.routed.route.record:  # forwarded only: nothing to write to the record
+            elif not self.router.writes_record(prepared.routed.route):  # forwarded only: nothing for the record
                 prepared.done = done
                 self._finish(conn, prepared, batch)
                 outcomes[i] = Outcome("processed")

@@ -53,6 +53,14 @@ def match(m: Match, key: MessageKey) -> bool:
 class Router:
     def __init__(self, config: RoutesConfig) -> None:
         self.config = config
+        # whether each route writes the record, by identity: Route.record walks its destinations
+        # (pure Python, a generator), once per message otherwise
+        self._records: dict[int, bool] = {id(r): r.record for r in config.routes}
+
+    def writes_record(self, route: Route) -> bool:
+        """``route.record``, for a route of this router's configuration (others are asked)."""
+        known = self._records.get(id(route))
+        return route.record if known is None else known
 
     @property
     def default(self) -> str:
