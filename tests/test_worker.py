@@ -631,3 +631,31 @@ def test_a_bug_a_message_meets_fails_that_message_alone(url: str) -> None:
     assert errors["B3"][0] == "record" and errors["B3"][1].startswith("internal error (KeyError at test_worker.py:")
     assert "MAPBUG" not in errors["B2"][1] and "PC" not in errors["B3"][1]
     assert parked == ["WLAB|PB^WLAB", "WLAB|PC^WLAB"]
+
+
+def test_the_message_rows_a_worker_reads_are_the_stored_ones(url: str) -> None:
+    """The worker reads its messages' rows (on PostgreSQL through the driver, in binary format): the
+    raw bytes as stored (windows-1251 too), the header columns, and the receipt time as an aware
+    UTC datetime whatever the session's time zone."""
+    cyrillic = oru("RW2", "P2").replace(b"DOE^JOHN", "ИВАНОВ^ИВАН".encode("cp1251"))
+    uids = store(url, [oru("RW1", "P1"), cyrillic])
+    engine = db.make_engine(url)
+    try:
+        with engine.begin() as conn:
+            stored = {r.uid: r for r in conn.execute(select(messages))}
+            if conn.dialect.name == "postgresql":
+                conn.exec_driver_sql("SET LOCAL TIME ZONE 'Asia/Tokyo'")
+            for lock in (True, False):
+                rows = Processor._rows(conn, [uids[1], uids[0], uids[1]], lock=lock)
+                assert [r.uid for r in rows] == uids  # each once, in id order
+                for r in rows:
+                    s = stored[r.uid]
+                    assert (r.id, r.raw, r.channel, r.status, r.control_id, r.sending_facility, r.message_type,
+                            r.trigger_event, r.structure, r.version) == (
+                        s.id, s.raw, s.channel, s.status, s.control_id, s.sending_facility, s.message_type,
+                        s.trigger_event, s.structure, s.version)
+                    assert type(r.raw) is bytes and r.received_at == s.received_at
+                    assert r.received_at.tzinfo is UTC
+            assert Processor._rows(conn, [], lock=True) == []
+    finally:
+        engine.dispose()

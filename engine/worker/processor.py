@@ -264,6 +264,8 @@ class Processor:
     def _rows(conn: Connection, uids: list[str], *, lock: bool) -> list[MessageRow]:
         rows: list[MessageRow] = []
         wanted = sorted(set(uids))
+        if conn.dialect.name == "postgresql":
+            return _pg_rows(conn, wanted, lock)
         for start in range(0, len(wanted), CHUNK):
             q = select(*MESSAGE_COLUMNS).where(one_of(conn, messages.c.uid, wanted[start:start + CHUNK])
                                                   ).order_by(messages.c.id)
@@ -569,6 +571,32 @@ def patient_key(msg: Message, facility: str) -> str | None:
     if not ident:
         return None
     return f"{facility}|{ident}^{authority}"[:300]
+
+
+_PG_ROWS = ("SELECT " + ", ".join(c.name for c in MESSAGE_COLUMNS)
+            + " FROM messages WHERE uid = ANY(%s) ORDER BY id")
+
+
+def _pg_rows(conn: Connection, uids: list[str], lock: bool) -> list[MessageRow]:
+    """``_rows`` on PostgreSQL: read through the driver's cursor in binary format, in the caller's
+    transaction. In text format every message's raw bytes came as hex (twice their size, decoded in
+    the worker) and SQLAlchemy processed each row (measured: about 2% of a worker's instructions)."""
+    driver: Any = conn.connection.driver_connection
+    sql = _PG_ROWS + (" FOR UPDATE" if lock else "")
+    rows: list[MessageRow] = []
+    dbapi = conn.dialect.loaded_dbapi
+    try:
+        with driver.cursor(binary=True) as cur:
+            for start in range(0, len(uids), CHUNK):
+                cur.execute(sql, (uids[start:start + CHUNK],))
+                for t in cur.fetchall():
+                    r = MessageRow.of(t)
+                    r.received_at = r.received_at.astimezone(UTC)  # UTCDateTime's form: the session's zone differs
+                    rows.append(r)
+    except dbapi.Error as exc:  # as SQLAlchemy raises them: the worker tells transient failures by them
+        raise DBAPIError.instance(sql, None, exc, dbapi.Error,
+                                  connection_invalidated=bool(getattr(driver, "closed", False))) from exc
+    return rows
 
 
 def _parse(row: MessageRow) -> Message | HL7Error:
