@@ -57,7 +57,7 @@ from sqlalchemy import (
     union_all,
     update,
 )
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import IntegrityError
 
 from engine.errors import EngineError
 from engine.record import facts as F
@@ -70,7 +70,7 @@ from engine.record.models import (
     rec_patient_links,
     rec_patients,
 )
-from engine.store.bulk import multirow_statements, one_of, sqlite_time
+from engine.store.bulk import driver_error, multirow_statements, one_of, sqlite_time
 from engine.store.db import JsonText, json_text
 from engine.store.schema import UTCDateTime
 
@@ -366,8 +366,7 @@ def bulk_insert(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> N
         raise ValueError(f"{table.name}: a value does not fit its column's type ({exc}); times must be "
                          "timezone-aware (a naive datetime is refused, as UTCDateTime refuses it)") from exc
     except dbapi.Error as exc:
-        raise DBAPIError.instance(sql, None, exc, dbapi.Error,
-                                  connection_invalidated=bool(getattr(raw, "closed", False))) from exc
+        raise driver_error(conn, sql, exc) from exc
 
 
 @functools.lru_cache(maxsize=128)

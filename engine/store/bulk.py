@@ -14,6 +14,7 @@ from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import ARRAY, ColumnElement, Connection, Dialect, Table, any_, bindparam
+from sqlalchemy.exc import DBAPIError, StatementError
 
 
 @lru_cache(maxsize=32)
@@ -94,3 +95,12 @@ def one_of(conn: Connection, column: ColumnElement[Any], values: Sequence[Any]) 
     if conn.dialect.name == "postgresql":
         return column == any_(bindparam(None, list(values), type_=ARRAY(column.type)))
     return column.in_(values)
+
+
+def driver_error(conn: Connection, sql: str, exc: Exception) -> StatementError:
+    """A driver's error from a statement run on ``conn``'s driver connection directly (a COPY, a read
+    in binary format), as SQLAlchemy would have raised it (``IntegrityError``, ``OperationalError``
+    ...): the worker tells transient failures, which it retries, by SQLAlchemy's classes."""
+    driver = conn.connection.driver_connection
+    return DBAPIError.instance(sql, None, exc, conn.dialect.loaded_dbapi.Error,
+                               connection_invalidated=bool(getattr(driver, "closed", False)))

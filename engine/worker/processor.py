@@ -30,7 +30,7 @@ from engine.hl7.message import Message
 from engine.observe import get_logger
 from engine.outbound.appack import AppAcks
 from engine.outbound.forward import Forwards
-from engine.store.bulk import one_of
+from engine.store.bulk import driver_error, one_of
 from engine.store.commits import OUTCOMES
 from engine.store.keys import Key, search_keys, write_keys
 from engine.store.schema import message_events, messages, outbound, parked_patients
@@ -262,10 +262,10 @@ class Processor:
 
     @staticmethod
     def _rows(conn: Connection, uids: list[str], *, lock: bool) -> list[MessageRow]:
-        rows: list[MessageRow] = []
         wanted = sorted(set(uids))
         if conn.dialect.name == "postgresql":
             return _pg_rows(conn, wanted, lock)
+        rows: list[MessageRow] = []
         for start in range(0, len(wanted), CHUNK):  # elsewhere (SQLite) the write transaction locks the database
             q = select(*MESSAGE_COLUMNS).where(one_of(conn, messages.c.uid, wanted[start:start + CHUNK])
                                                   ).order_by(messages.c.id)
@@ -582,7 +582,6 @@ def _pg_rows(conn: Connection, uids: list[str], lock: bool) -> list[MessageRow]:
     driver: Any = conn.connection.driver_connection
     sql = _PG_ROWS + (" FOR UPDATE" if lock else "")
     rows: list[MessageRow] = []
-    dbapi = conn.dialect.loaded_dbapi
     try:
         with driver.cursor(binary=True) as cur:
             for start in range(0, len(uids), CHUNK):
@@ -591,9 +590,8 @@ def _pg_rows(conn: Connection, uids: list[str], lock: bool) -> list[MessageRow]:
                     r = MessageRow.of(t)
                     r.received_at = r.received_at.astimezone(UTC)  # UTCDateTime's form: the session's zone differs
                     rows.append(r)
-    except dbapi.Error as exc:  # as SQLAlchemy raises them: the worker tells transient failures by them
-        raise DBAPIError.instance(sql, None, exc, dbapi.Error,
-                                  connection_invalidated=bool(getattr(driver, "closed", False))) from exc
+    except conn.dialect.loaded_dbapi.Error as exc:
+        raise driver_error(conn, sql, exc) from exc
     return rows
 
 
