@@ -9,6 +9,7 @@ import os
 import socket
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -345,3 +346,70 @@ def test_sqlite_time_is_sqlalchemys_text() -> None:
                datetime(2026, 12, 7, 16, 1, 2, 123456, tzinfo=timezone(timedelta(hours=3)))):
         assert sqlite_time(dt) == process(dt.astimezone(UTC).replace(tzinfo=None)), dt
     assert sqlite_time(None) is None
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_migration_0011_queue_claims_need_no_partition_index(backend: str, request: pytest.FixtureRequest,
+                                                             tmp_path: Path) -> None:
+    """0011 drops the embedded queue's (partition, id) index: the workers' claims read the primary
+    key in order (no sort) with or without it, entries written before survive both ways, and the
+    per-partition gauges still count them."""
+    from alembic import command
+    from sqlalchemy import inspect, select
+
+    from engine.admin.state import read_store
+    from engine.store.schema import messages, queue_entries
+    from engine.worker.sources import claim_query
+
+    url = f"sqlite:///{tmp_path / 'old.db'}" if backend == "sqlite" else request.getfixturevalue("postgres_url")
+    db.upgrade(url, "0010")
+    eng = db.make_engine(url)
+    db_time = datetime.fromtimestamp(time.time(), UTC)
+    try:
+        with eng.begin() as conn:
+            for n, part in enumerate([1, 2, 1]):
+                conn.execute(messages.insert(), {
+                    "uid": f"u{n}", "channel": "lab", "received_at": db_time, "size": 1, "sha256": "0" * 64,
+                    "accepted": True, "status": "queued", "raw": b"MSH|"})
+                conn.execute(queue_entries.insert(), {"message_uid": f"u{n}", "partition": part,
+                                                      "enqueued_at": db_time, "available_at": db_time, "attempts": 0})
+    finally:
+        eng.dispose()
+
+    def check(after: bool) -> None:
+        e = db.make_engine(url)
+        try:
+            with e.begin() as conn:
+                names = {ix["name"] for ix in inspect(conn).get_indexes("queue_entries")}
+                assert ("ix_queue_entries_partition_id" in names) is not after, names
+                for count, index, uids in [(1, 0, ["u0", "u1", "u2"]), (2, 1, ["u0", "u2"]), (2, 0, ["u1"])]:
+                    q = claim_query(50, index, count)
+                    assert [u for _, u in conn.execute(q)] == uids
+                    sql = str(q.compile(conn, compile_kwargs={"literal_binds": True}))
+                    if backend == "postgresql":
+                        conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
+                        plan = "\n".join(r[0] for r in conn.exec_driver_sql(f"EXPLAIN {sql}"))
+                        assert "Index Scan using pk_queue_entries" in plan and "Sort" not in plan, plan
+                    else:
+                        plan = "\n".join(str(r[-1]) for r in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}"))
+                        assert "TEMP B-TREE" not in plan, plan
+            snap = read_store(e, embedded_queue=True)
+            assert sorted(snap.queue) == [("p1", 2), ("p2", 1)]
+            with e.connect() as conn:
+                assert len(conn.execute(select(queue_entries.c.id)).all()) == 3
+        finally:
+            e.dispose()
+
+    db.upgrade(url)
+    check(after=True)
+    eng = db.make_engine(url)
+    try:
+        with eng.begin() as conn:
+            cfg = db.alembic_config(url)
+            cfg.attributes["connection"] = conn
+            command.downgrade(cfg, "0010")
+    finally:
+        eng.dispose()
+    check(after=False)
+    db.upgrade(url)
+    check(after=True)

@@ -141,7 +141,8 @@ queue_entries = Table(
     Column("claimed_by", String(64)),
     Column("claimed_at", UTCDateTime),
 )
-Index("ix_queue_entries_partition_id", queue_entries.c.partition, queue_entries.c.id)
+# no secondary index (migration 0011): workers claim in id order, which the primary key answers, and
+# each index here would cost every commit of the receiving path
 
 message_events = Table(
     "message_events",

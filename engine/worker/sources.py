@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, delete, insert, select
+from sqlalchemy import Engine, Select, delete, insert, select
 
 from engine.hl7.charsets import clean
 from engine.hl7.header import read_header
@@ -80,6 +80,16 @@ def retrying(process: Callable[[], T], stop: threading.Event, sleep: Callable[[f
     return None
 
 
+def claim_query(batch: int, index: int = 0, count: int = 1) -> Select[tuple[int, str]]:
+    """The oldest ``batch`` entries of the embedded queue for worker ``index`` of ``count``: in id
+    order, which the primary key answers without a sort (the table has no other index: each would
+    cost every commit of the receiving path)."""
+    q = select(queue_entries.c.id, queue_entries.c.message_uid).order_by(queue_entries.c.id).limit(batch)
+    if count > 1:
+        q = q.where((queue_entries.c.partition % count) == index)
+    return q
+
+
 def run_db_queue(processor: Processor, engine: Engine, stop: threading.Event, *, index: int = 0, count: int = 1,
                  batch: int = BATCH, on_outcome: Callable[[Outcome], None] | None = None,
                  idle: Backoff | None = None) -> None:
@@ -88,9 +98,7 @@ def run_db_queue(processor: Processor, engine: Engine, stop: threading.Event, *,
     When the queue is empty, wait for the store's next commit (``CommitSignal``: on SQLite any
     commit, at most a second between reads; on PostgreSQL the store writer's NOTIFY) or ``idle``
     (default 10 ms, doubling up to 0.25 s), whichever comes first."""
-    q = select(queue_entries.c.id, queue_entries.c.message_uid).order_by(queue_entries.c.id).limit(batch)
-    if count > 1:
-        q = q.where((queue_entries.c.partition % count) == index)
+    q = claim_query(batch, index, count)
     idle = idle if idle is not None else Backoff(0.01, 0.25)
     # the queue is read through the processor's reader: on SQLite an engine whose transactions do
     # not take the write lock (the worker's own begins BEGIN IMMEDIATE)
