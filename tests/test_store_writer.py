@@ -79,6 +79,22 @@ def test_resends_are_duplicates_of_the_accepted_original(url: str) -> None:
     assert queued == [first.records[0].uid, changed.records[0].uid, other_sender.records[0].uid]
 
 
+def test_overlong_header_fields_are_cut_to_their_columns(url: str) -> None:
+    """MSH fields longer than their columns are stored cut (PostgreSQL would refuse the whole
+    transaction otherwise); short and empty ones as they are; the raw message keeps everything."""
+    raw = ("MSH|^~\\&|" + "A" * 300 + "|" + "F" * 300 + "|HL7ENGINE||20261122101500||"
+           + "ORU^R01^" + "S" * 20 + "|" + "C" * 300 + "|P|2.5.1\rPID|1||77^^^WLAB^MR||DOE^A\r").encode()
+    w = BatchWriter(db.make_engine(url, writer=True), DatabaseQueue(), partitions=8)
+    job = wire_job(raw)
+    write(w, job)
+    assert job.records[0].outcome == "accepted"
+    (row,) = store_rows(url)
+    assert row["sending_application"] == "A" * 250 and row["sending_facility"] == "F" * 250
+    assert row["control_id"] == "C" * 199 and row["structure"] == "S" * 16
+    assert row["receiving_application"] == "HL7ENGINE" and row["receiving_facility"] in ("", None)
+    assert row["message_type"] == "ORU" and row["version"] == "2.5.1" and bytes(row["raw"]) == raw
+
+
 def test_identical_messages_in_one_transaction(url: str) -> None:
     w = BatchWriter(db.make_engine(url, writer=True), DatabaseQueue())
     a, b = wire_job(msg("SAME")), wire_job(msg("SAME"))

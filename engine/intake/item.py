@@ -160,21 +160,22 @@ class Record:
             d = self.delimiters
             self.partition = patient_partition(self.raw, d[0], d[1], d[2], self.sending_facility or "",
                                                self.control_id or "", partitions)
+        # header fields cut to their columns' lengths (``v and v[:n]`` keeps None and "" as they are)
         self.row = (
             self.uid,
             self.channel,
             t(self.received_at),
             self.peer,
-            _cut(self.sending_application, 250),
-            _cut(self.sending_facility, 250),
-            _cut(self.receiving_application, 250),
-            _cut(self.receiving_facility, 250),
-            _cut(self.message_type, 16),
-            _cut(self.trigger_event, 16),
-            _cut(self.structure, 16),
-            _cut(self.control_id, 199),
-            _cut(self.processing_id, 8),
-            _cut(self.version, 16),
+            self.sending_application and self.sending_application[:250],
+            self.sending_facility and self.sending_facility[:250],
+            self.receiving_application and self.receiving_application[:250],
+            self.receiving_facility and self.receiving_facility[:250],
+            self.message_type and self.message_type[:16],
+            self.trigger_event and self.trigger_event[:16],
+            self.structure and self.structure[:16],
+            self.control_id and self.control_id[:199],
+            self.processing_id and self.processing_id[:8],
+            self.version and self.version[:16],
             self.charset,
             self.size,
             self.sha256,
@@ -199,10 +200,6 @@ MESSAGE_COLUMNS = (
     "charset", "size", "sha256", "accepted", "status", "duplicate_of", "batch_uid", "partition", "raw",
     "ack_code", "ack", "acked_at", "error_step", "error", "updated_at",
 )
-
-
-def _cut(value: str | None, n: int) -> str | None:
-    return value[:n] if value is not None and len(value) > n else value
 
 
 def patient_partition(raw: bytes, field_sep: str, component: str, repetition: str, facility: str,

@@ -136,9 +136,14 @@ class BatchWriter:
         self._free = list(range(self.depth))
         self._inflight: dict[tuple[str, str, str], int] = {}  # accepted in open transactions
 
-    def prepare(self, job: WireJob) -> None:
-        """Build the rows of ``job`` (as jobs arrive, before the transaction that writes them)."""
-        job.prepare(self.t(datetime.now(UTC)), self.t, self.partitions)
+    def stamp(self) -> Any:
+        """Now, in the driver's form: the time written on rows prepared together."""
+        return self.t(datetime.now(UTC))
+
+    def prepare(self, job: WireJob, stamp: Any = None) -> None:
+        """Build the rows of ``job`` (as jobs arrive, before the transaction that writes them);
+        ``stamp`` (from ``stamp()``) is shared by the jobs that arrived together."""
+        job.prepare(self.stamp() if stamp is None else stamp, self.t, self.partitions)
 
     @property
     def open(self) -> int:

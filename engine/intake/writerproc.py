@@ -115,10 +115,11 @@ def run(sock: socket.socket, writer: BatchWriter,
             buf.extend(data)
             if not select.select([sock], [], [], 0)[0]:
                 break
+        stamp = writer.stamp()
         for frame in decode_frames(buf):
             for wire in frame:
                 job = WireJob.from_wire(wire)
-                writer.prepare(job)
+                writer.prepare(job, stamp)
                 waiting.append(job)
         return not eof
 
