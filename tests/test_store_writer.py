@@ -429,3 +429,21 @@ def test_migration_0011_queue_claims_need_no_partition_index(backend: str, reque
     check(after=False)
     db.upgrade(url)
     check(after=True)
+
+
+def test_sqlite_binds_none_bytes_and_bool_as_it_did_without_adapters() -> None:
+    """The adapters registered for speed (db.bind_plain_values_directly) store exactly what the
+    sqlite3 module's own path stored: NULL, the same blob, 1 and 0."""
+    import sqlite3
+
+    db.bind_plain_values_directly()
+    for kind in (type(None), bytes, bool):
+        assert (kind, sqlite3.PrepareProtocol) in sqlite3.adapters
+    conn = sqlite3.connect(":memory:")
+    try:
+        conn.execute("CREATE TABLE t (a, b, c, d)")
+        conn.execute("INSERT INTO t VALUES (?, ?, ?, ?)", (None, b"\x00\xffMSH|", True, False))
+        assert conn.execute("SELECT typeof(a), typeof(b), typeof(c), typeof(d), a, b, c, d FROM t").fetchall() == [
+            ("null", "blob", "integer", "integer", None, b"\x00\xffMSH|", 1, 0)]
+    finally:
+        conn.close()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import sqlite3
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from alembic import command
@@ -14,6 +16,22 @@ from sqlalchemy import Engine, create_engine, event, make_url
 
 def is_sqlite(url: str) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
+
+
+def bind_plain_values_directly() -> None:
+    """Let Python's sqlite3 bind None, bytes and bool without looking for an adapter.
+
+    The module binds only exact int, float, str and bytearray directly; every other value (None,
+    bytes, bool included) first goes through its adapter protocol, whose lookup of ``__adapt__`` on
+    the protocol class raises and formats an AttributeError each time. Registering what that path
+    ends up doing anyway (None stays None, bytes stay the same object, a bool becomes the 0 or 1
+    SQLite stores) skips the exception. Measured with callgrind: 6% of the store writer's
+    instructions (a message row holds two blobs, a bool and several NULLs), 2% of a worker's. The
+    registry is the sqlite3 module's, for the whole process; these three leave every value bound
+    exactly as before."""
+    sqlite3.register_adapter(type(None), cast("Callable[[None], None]", {}.get))  # C, returns None for None
+    sqlite3.register_adapter(bytes, bytes)  # bytes(b) is b for an exact bytes object
+    sqlite3.register_adapter(bool, int)
 
 
 def make_engine(url: str, *, pool_size: int = 5, writer: bool = False, repeatable: bool = False,
@@ -34,6 +52,7 @@ def make_engine(url: str, *, pool_size: int = 5, writer: bool = False, repeatabl
     executions of a prepared statement was measured at 10-20 ms against well under 1 ms."""
     u = make_url(url)
     if u.get_backend_name() == "sqlite":
+        bind_plain_values_directly()
         if u.database and u.database != ":memory:":
             Path(u.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(
