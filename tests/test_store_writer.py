@@ -447,3 +447,37 @@ def test_sqlite_binds_none_bytes_and_bool_as_it_did_without_adapters() -> None:
             ("null", "blob", "integer", "integer", None, b"\x00\xffMSH|", 1, 0)]
     finally:
         conn.close()
+
+
+def test_the_store_writer_takes_sqlites_write_lock_as_soon_as_it_is_free(tmp_path: Path) -> None:
+    """On SQLite the store writer tries again for the write lock every LOCK_POLL seconds while a
+    worker holds it (instead of SQLite's growing sleeps): it gets it once released, its statements
+    keep the usual busy timeout, and a lock that stays taken ends in SQLite's own error."""
+    import sqlite3
+
+    from sqlalchemy import text
+
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    db.upgrade(url)
+    holder = sqlite3.connect(tmp_path / "store.db", isolation_level=None, check_same_thread=False)
+    eng = db.make_engine(url, writer=True, lock_poll=writerproc.LOCK_POLL)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        release = threading.Timer(0.3, lambda: holder.execute("COMMIT"))
+        release.start()
+        with eng.begin() as conn:  # waits for the holder, then has the lock
+            assert not holder.in_transaction
+            assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
+            conn.execute(text("INSERT INTO alembic_version (version_num) VALUES ('x')"))
+        release.join()
+
+        holder.execute("BEGIN IMMEDIATE")
+        with eng.connect() as conn:
+            raw = conn.connection.dbapi_connection
+            with pytest.raises(sqlite3.OperationalError, match="locked"):
+                db.begin_immediate_polling(raw, 0.001, timeout=0.05)
+            assert raw.execute("PRAGMA busy_timeout").fetchone() == (30000,)
+        holder.execute("ROLLBACK")
+    finally:
+        holder.close()
+        eng.dispose()
