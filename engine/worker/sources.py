@@ -217,15 +217,25 @@ class _Consumer:
         stopping (they are put back, unsettled)."""
         batch = self.pending[:2 * BATCH]
         del self.pending[:2 * BATCH]
+        done: list[Outcome | None] = [None] * len(batch)
+
+        def handle(indices: list[int]) -> None:
+            outs = self.processor.process_batch([(batch[i][2].message_id or "", None) for i in indices])
+            for i, o in zip(indices, outs, strict=True):
+                done[i] = o
 
         def once() -> list[Outcome]:
-            outcomes = self.processor.process_batch([(props.message_id or "", None) for _, _, props, _ in batch])
-            missing = [i for i, o in enumerate(outcomes) if o.status == "missing"]
+            # only what has no outcome yet: a pass that committed is not handled again when a later
+            # step asks for a retry (an orphan not adopted yet), or a failed message would be failed,
+            # logged and counted twice
+            handle([i for i, o in enumerate(done) if o is None or o.status == "missing"])
+            missing = [i for i, o in enumerate(done) if o is not None and o.status == "missing"]
             if missing:  # raises RetryLater while the writer may still be committing them
                 for i in missing:
                     adopt(self.engine, batch[i][2].message_id or "", batch[i][2], batch[i][3])
-                outcomes = self.processor.process_batch([(props.message_id or "", None)
-                                                         for _, _, props, _ in batch])
+                handle(missing)
+            outcomes = [o for o in done if o is not None]
+            assert len(outcomes) == len(batch)
             return outcomes
 
         outcomes = retrying(once, self.stop, self.conn.sleep)
