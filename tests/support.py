@@ -201,3 +201,19 @@ class TcpProxy:
 
     def close(self) -> None:
         self.cut()
+
+
+def downgrade(url: str, revision: str) -> None:
+    """Apply the store's migrations down to ``revision`` (tests of a migration both ways)."""
+    from alembic import command
+
+    from engine.store import db
+
+    engine = db.make_engine(url)
+    try:
+        with engine.begin() as conn:
+            cfg = db.alembic_config(url)
+            cfg.attributes["connection"] = conn
+            command.downgrade(cfg, revision)
+    finally:
+        engine.dispose()

@@ -34,6 +34,7 @@ from engine.record.models import (
 )
 from engine.record.writer import COPY_FROM, ApplyResult, RecordConflict, RecordError, apply, bulk_insert, db_key
 from engine.store import db
+from tests.support import downgrade
 
 T0 = datetime(2026, 11, 22, 7, 15, tzinfo=UTC)
 RECORD_TABLES = {t.name for t in record_metadata.sorted_tables}
@@ -206,8 +207,6 @@ def test_migration_0010_partial_alt_code_index_and_no_event_foreign_key(backend:
     """0010: the alternate-code index lists only observations that have one, and still serves a
     search by alternate code; message events no longer reference messages by a foreign key. Rows
     written before it read back the same, both ways (down to 0009 and up again)."""
-    from alembic import command
-
     from engine.store.schema import message_events, messages
 
     url = f"sqlite:///{tmp_path / 'old.db'}" if backend == "sqlite" else request.getfixturevalue("postgres_url")
@@ -259,14 +258,7 @@ def test_migration_0010_partial_alt_code_index_and_no_event_foreign_key(backend:
 
     db.upgrade(url)
     check(after=True)
-    eng = db.make_engine(url)
-    try:
-        with eng.begin() as conn:
-            cfg = db.alembic_config(url)
-            cfg.attributes["connection"] = conn
-            command.downgrade(cfg, "0009")
-    finally:
-        eng.dispose()
+    downgrade(url, "0009")
     check(after=False)
     db.upgrade(url)
     check(after=True)

@@ -26,7 +26,7 @@ from engine.queue.dbqueue import DatabaseQueue
 from engine.settings import Settings
 from engine.store import db
 from engine.store.query import MessageFilter, list_messages
-from tests.support import queue_rows, store_rows
+from tests.support import downgrade, queue_rows, store_rows
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -370,7 +370,6 @@ def test_migration_0011_queue_claims_need_no_partition_index(backend: str, reque
     """0011 drops the embedded queue's (partition, id) index: the workers' claims read the primary
     key in order (no sort) with or without it, entries written before survive both ways, and the
     per-partition gauges still count them."""
-    from alembic import command
     from sqlalchemy import inspect, select
 
     from engine.admin.state import read_store
@@ -418,14 +417,7 @@ def test_migration_0011_queue_claims_need_no_partition_index(backend: str, reque
 
     db.upgrade(url)
     check(after=True)
-    eng = db.make_engine(url)
-    try:
-        with eng.begin() as conn:
-            cfg = db.alembic_config(url)
-            cfg.attributes["connection"] = conn
-            command.downgrade(cfg, "0010")
-    finally:
-        eng.dispose()
+    downgrade(url, "0010")
     check(after=False)
     db.upgrade(url)
     check(after=True)
